@@ -1,0 +1,80 @@
+"""``kvreviver`` command: ``prepare-model`` and ``serve``.
+
+``kvreviver serve [VLLM ARGS...]`` runs ``vllm serve`` on the default model with
+the KVReviver backend and CPU-friendly defaults; any default can be overridden by
+passing the same vLLM flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+
+from kvreviver_vllm.models import DEFAULT_MODEL_NAME, prepare_default_model
+
+# (flag, value or None for a switch); skipped when the user passes the flag.
+SERVE_DEFAULTS: tuple[tuple[str, str | None], ...] = (
+    ("--attention-backend", "kvreviver"),
+    ("--host", "127.0.0.1"),
+    ("--port", "8000"),
+    ("--dtype", "bfloat16"),
+    ("--max-model-len", "8192"),
+    ("--served-model-name", DEFAULT_MODEL_NAME),
+    ("--enforce-eager", None),
+)
+# The KV pool of vLLM on CPU, in GiB: the default (92% of the NUMA node) fails
+# on small or shared machines.
+DEFAULT_KV_CACHE_GIB = "2"
+
+
+def _given(flag: str, args: list[str]) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def serve_command(model: str, extra: list[str]) -> list[str]:
+    """The full ``vllm serve`` command line for ``model`` plus the user's flags."""
+    cmd = ["vllm", "serve", model]
+    for flag, value in SERVE_DEFAULTS:
+        if not _given(flag, extra):
+            cmd += [flag] if value is None else [flag, value]
+    return cmd + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvreviver", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-model", help="convert the default model once")
+    prep.add_argument("--force", action="store_true", help="convert again")
+    serve = sub.add_parser(
+        "serve",
+        help="vllm serve the default model with the kvreviver backend",
+        description="Unrecognised arguments are passed to `vllm serve`.",
+    )
+    serve.add_argument("--model", help="HF model directory (default: the default model)")
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+    if args.command == "prepare-model":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(prepare_default_model(force=args.force))
+        return 0
+
+    model = args.model or str(prepare_default_model())
+    cmd = serve_command(model, extra)
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
+    vllm = shutil.which("vllm")
+    if vllm is None:
+        print("error: the `vllm` command is not on PATH; install vLLM first", file=sys.stderr)
+        return 2
+    logging.info("exec: %s", " ".join(cmd))
+    os.execve(vllm, cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The one validated configuration object of the KVReviver backend.
+
+Sources, highest precedence first:
+  1. ``--additional-config '{"kvreviver": {...}}'`` (``VllmConfig.additional_config``)
+  2. ``KVREVIVER_<KEY>`` environment variables (spawned engine processes inherit them)
+  3. the defaults below.
+
+Every bad value raises :class:`KVReviverConfigError` naming the key, the value and
+the allowed range, so ``vllm serve`` stops before the engine starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ADDITIONAL_CONFIG_KEY = "kvreviver"
+ENV_PREFIX = "KVREVIVER_"
+
+VARIANTS = ("quantized", "sketch", "evict", "streaming")
+QUANT_BITS = (2, 3, 4, 8)
+# An absolute token budget smaller than this cannot hold sink + recent tokens.
+MIN_BUDGET_TOKENS = 16
+
+
+class KVReviverConfigError(ValueError):
+    """A ``kvreviver`` configuration value is unknown, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class KVReviverConfig:
+    budget: float | int = 1.0
+    """Exact + vague KV memory a request may hold: a fraction of its context in
+    (0, 1], or a whole number of tokens >= MIN_BUDGET_TOKENS. 1.0 = no compression."""
+    variant: str = "quantized"
+    """Vague store: quantized (low-bit per token), sketch (Count Sketch),
+    evict (no vague store, SnapKV-style) or streaming (sink + recent only)."""
+    sink: int = 4
+    """First tokens of every request always kept exact (attention sinks)."""
+    recent: int = 64
+    """Most recent tokens always kept exact (sliding window)."""
+    bits: int = 4
+    """Bit width of the quantized vague store."""
+    sketch_rows: int = 3
+    """Rows (independent hashes) of the Count Sketch variant."""
+    sketch_buckets: int = 64
+    """Buckets per row of the Count Sketch variant."""
+
+    def __post_init__(self) -> None:
+        _check_budget(self.budget)
+        if self.budget > 1:  # an absolute token count, whatever its JSON spelling
+            object.__setattr__(self, "budget", int(self.budget))
+        if self.variant not in VARIANTS:
+            raise KVReviverConfigError(
+                f"kvreviver.variant={self.variant!r} is not supported: "
+                f"allowed values are {', '.join(VARIANTS)}"
+            )
+        _check_int("sink", self.sink, 0, 1024)
+        _check_int("recent", self.recent, 1, 8192)
+        if isinstance(self.bits, bool) or self.bits not in QUANT_BITS:
+            raise KVReviverConfigError(
+                f"kvreviver.bits={self.bits!r} is not supported: allowed values are "
+                f"{', '.join(map(str, QUANT_BITS))}"
+            )
+        _check_int("sketch_rows", self.sketch_rows, 1, 16)
+        _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_sources(
+        cls,
+        additional_config: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> KVReviverConfig:
+        """Merge the environment fallback with ``additional_config['kvreviver']``."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.field_names():
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw.strip() != "":
+                values[name] = _parse_env_value(name, raw)
+
+        section: Any = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY, {})
+        if not isinstance(section, Mapping):
+            raise KVReviverConfigError(
+                f"additional_config.kvreviver must be a JSON object, got {section!r}"
+            )
+        unknown = sorted(set(section) - set(cls.field_names()))
+        if unknown:
+            raise KVReviverConfigError(
+                f"unknown kvreviver config key(s) {', '.join(map(repr, unknown))}: "
+                f"allowed keys are {', '.join(cls.field_names())}"
+            )
+        values.update(section)
+        return cls(**values)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> KVReviverConfig:
+        additional = getattr(vllm_config, "additional_config", None)
+        return cls.from_sources(additional if isinstance(additional, Mapping) else {})
+
+    # -- derived facts ------------------------------------------------------
+    def budget_tokens(self, context_len: int) -> int:
+        """Token slots a request of ``context_len`` tokens may hold."""
+        if self.budget > 1:
+            return min(int(self.budget), context_len)
+        return min(context_len, max(1, math.ceil(self.budget * context_len)))
+
+    def compresses(self, max_model_len: int) -> bool:
+        """Whether any request up to ``max_model_len`` tokens would be compressed."""
+        return self.budget_tokens(max_model_len) < max_model_len
+
+
+def _check_int(key: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise KVReviverConfigError(
+            f"kvreviver.{key}={value!r} is out of range: expected an integer in [{lo}, {hi}]"
+        )
+
+
+def _check_budget(value: Any) -> None:
+    allowed = (
+        "expected a fraction of the context in (0, 1] or a whole number of tokens "
+        f">= {MIN_BUDGET_TOKENS}"
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise KVReviverConfigError(
+            f"kvreviver.budget={value!r} is not a number: {allowed}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise KVReviverConfigError(f"kvreviver.budget={value!r} is out of range: {allowed}")
+    if value > 1 and (not float(value).is_integer() or value < MIN_BUDGET_TOKENS):
+        raise KVReviverConfigError(f"kvreviver.budget={value!r} is out of range: {allowed}")
+
+
+def _parse_env_value(name: str, raw: str) -> Any:
+    """Environment values are strings; give them the type their key expects."""
+    raw = raw.strip()
+    if name == "variant":
+        return raw
+    try:
+        number = float(raw)
+    except ValueError:
+        raise KVReviverConfigError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number"
+        ) from None
+    if name == "budget":
+        return number
+    return int(number) if number.is_integer() else number
