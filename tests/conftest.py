@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# Helpers shared by the test modules (engine runner, prompt builder).
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    """The real default model, converted once into the KVReviver cache."""
+    from kvreviver_vllm.models import prepare_default_model
+
+    return str(prepare_default_model())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

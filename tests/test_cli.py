@@ -1,0 +1,21 @@
+"""The `kvreviver` command: default `vllm serve` flags, overridable by the user."""
+
+from __future__ import annotations
+
+from kvreviver_vllm.cli import serve_command
+
+
+def test_serve_defaults():
+    cmd = serve_command("/m", [])
+    assert cmd[:3] == ["vllm", "serve", "/m"]
+    joined = " ".join(cmd)
+    for part in ("--attention-backend kvreviver", "--host 127.0.0.1", "--port 8000",
+                 "--dtype bfloat16", "--max-model-len 8192", "--enforce-eager"):
+        assert part in joined
+
+
+def test_user_flags_override_defaults():
+    cmd = serve_command("/m", ["--port=9001", "--dtype", "float32", "--max-num-seqs", "4"])
+    assert "--port" not in cmd and "--port=9001" in cmd
+    assert cmd.count("--dtype") == 1 and cmd[cmd.index("--dtype") + 1] == "float32"
+    assert cmd[-2:] == ["--max-num-seqs", "4"]

@@ -1,0 +1,84 @@
+"""Config parsing: every bad value stops with the key, the value and the allowed range."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvreviver_vllm.config import KVReviverConfig, KVReviverConfigError
+
+
+def parse(section: dict, environ: dict | None = None) -> KVReviverConfig:
+    return KVReviverConfig.from_sources({"kvreviver": section}, environ or {})
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [
+        (0, "kvreviver.budget=0 is out of range"),
+        (1.5, "kvreviver.budget=1.5 is out of range"),
+        (-3, "kvreviver.budget=-3 is out of range"),
+        ("ten", "kvreviver.budget='ten' is not a number"),
+        (True, "kvreviver.budget=True is not a number"),
+        (8.0, "kvreviver.budget=8.0 is out of range"),
+        (float("inf"), "kvreviver.budget=inf is out of range"),
+    ],
+)
+def test_bad_budget_names_value_and_range(budget, message):
+    with pytest.raises(KVReviverConfigError) as err:
+        parse({"budget": budget})
+    assert message in str(err.value)
+    assert "(0, 1]" in str(err.value) and ">= 16" in str(err.value)
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(KVReviverConfigError) as err:
+        parse({"budget": 0.1, "bugdet": 0.2})
+    assert "'bugdet'" in str(err.value)
+    assert "allowed keys are budget, variant, sink, recent" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"variant": "h2o"}, "kvreviver.variant='h2o' is not supported"),
+        ({"sink": -1}, "kvreviver.sink=-1 is out of range: expected an integer in [0, 1024]"),
+        ({"recent": 0}, "kvreviver.recent=0 is out of range"),
+        ({"recent": 2.5}, "kvreviver.recent=2.5 is out of range"),
+        ({"bits": 5}, "kvreviver.bits=5 is not supported: allowed values are 2, 3, 4, 8"),
+        ({"sketch_rows": 0}, "kvreviver.sketch_rows=0 is out of range"),
+        ({"sketch_buckets": 10**6}, "kvreviver.sketch_buckets=1000000 is out of range"),
+    ],
+)
+def test_other_bad_values(section, message):
+    with pytest.raises(KVReviverConfigError, match=None) as err:
+        parse(section)
+    assert message in str(err.value)
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(KVReviverConfigError, match="must be a JSON object"):
+        KVReviverConfig.from_sources({"kvreviver": 0.1}, {})
+
+
+def test_budget_fraction_and_tokens():
+    assert parse({"budget": 0.1}).budget_tokens(2048) == 205
+    assert parse({"budget": 1}).budget_tokens(2048) == 2048
+    tokens = parse({"budget": 512.0})
+    assert tokens.budget == 512 and isinstance(tokens.budget, int)
+    assert tokens.budget_tokens(2048) == 512 and tokens.budget_tokens(300) == 300
+    assert not parse({}).compresses(8192)
+    assert parse({"budget": 0.25}).compresses(8192)
+    assert not parse({"budget": 8192}).compresses(8192)
+
+
+def test_environment_fallback_and_precedence():
+    env = {"KVREVIVER_BUDGET": "0.25", "KVREVIVER_SINK": "8", "KVREVIVER_VARIANT": "evict"}
+    cfg = KVReviverConfig.from_sources({}, env)
+    assert (cfg.budget, cfg.sink, cfg.variant) == (0.25, 8, "evict")
+    # additional_config wins over the environment.
+    cfg = KVReviverConfig.from_sources({"kvreviver": {"sink": 2}}, env)
+    assert (cfg.budget, cfg.sink) == (0.25, 2)
+    with pytest.raises(KVReviverConfigError, match="KVREVIVER_RECENT='many' is not a number"):
+        KVReviverConfig.from_sources({}, {"KVREVIVER_RECENT": "many"})
+    with pytest.raises(KVReviverConfigError, match="kvreviver.budget=0.0 is out of range"):
+        KVReviverConfig.from_sources({}, {"KVREVIVER_BUDGET": "0"})

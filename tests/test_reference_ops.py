@@ -1,0 +1,98 @@
+"""The PyTorch reference ops against a naive per-token implementation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvreviver_vllm import sketch
+
+
+def naive_attention(query, keys, values, scale, seq_len, num_queries):
+    """float64, one query row and one head at a time."""
+    hq, hkv = query.shape[1], keys.shape[1]
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for i in range(num_queries):
+        visible = seq_len - num_queries + i + 1
+        for h in range(hq):
+            kvh = h // (hq // hkv)
+            k = keys[:visible, kvh].double()
+            v = values[:visible, kvh].double()
+            logits = (k @ query[i, h].double()) * scale
+            out[i, h] = torch.softmax(logits, 0) @ v
+    return out
+
+
+def build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen):
+    """A shuffled paged cache holding random K/V for each request, via write_kv."""
+    blocks_per_req = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_req) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    cache = torch.full((num_blocks, num_kv_heads, block_size, 2 * head_size), float("nan"), dtype=dtype)
+    width = max(blocks_per_req)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    keys, values, used = [], [], 0
+    for r, n in enumerate(seq_lens):
+        row = perm[used : used + blocks_per_req[r]]
+        used += blocks_per_req[r]
+        table[r, : len(row)] = row
+        k = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
+        v = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
+        pos = torch.arange(n)
+        slots = row[pos // block_size].long() * block_size + pos % block_size
+        sketch.write_kv(cache, k, v, slots)
+        keys.append(k)
+        values.append(v)
+    return cache, table, keys, values
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    gqa=st.sampled_from([1, 3, 8]),
+    num_kv_heads=st.sampled_from([1, 2]),
+    head_size=st.sampled_from([64, 128]),
+    block_size=st.sampled_from([16, 32, 128]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_paged_attention_matches_naive(data, gqa, num_kv_heads, head_size, block_size, dtype):
+    num_reqs = data.draw(st.integers(1, 4))
+    seq_lens = data.draw(st.lists(st.integers(1, 300), min_size=num_reqs, max_size=num_reqs))
+    q_lens = [data.draw(st.integers(1, n)) for n in seq_lens]
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    cache, table, keys, values = build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen)
+    hq = gqa * num_kv_heads
+    query = torch.randn(sum(q_lens), hq, head_size, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    out = torch.empty_like(query)
+    scale = head_size**-0.5
+    sketch.paged_attention(out, query, cache, table, torch.tensor(seq_lens, dtype=torch.int32), qsl, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        rows = slice(int(qsl[r]), int(qsl[r + 1]))
+        want = naive_attention(query[rows], keys[r], values[r], scale, n, q)
+        torch.testing.assert_close(out[rows].double(), want, atol=tol, rtol=tol)
+
+
+def test_write_kv_skips_padding_slots():
+    cache = torch.zeros(2, 1, 16, 8)
+    key = torch.ones(3, 1, 4)
+    value = 2 * torch.ones(3, 1, 4)
+    sketch.write_kv(cache, key, value, torch.tensor([0, -1, 17]))
+    assert cache[0, 0, 0].tolist() == [1] * 4 + [2] * 4
+    assert cache[1, 0, 1].tolist() == [1] * 4 + [2] * 4
+    assert int((cache != 0).sum()) == 16
+
+
+@pytest.mark.parametrize("seq_len", [1, 8191, 8192])
+def test_gather_kv_near_max_positions(seq_len):
+    gen = torch.Generator().manual_seed(seq_len)
+    cache, table, keys, values = build_cache([seq_len], 2, 64, 128, torch.float32, gen)
+    k, v = sketch.gather_kv(cache, table[0], seq_len)
+    torch.testing.assert_close(k, keys[0].transpose(0, 1))
+    torch.testing.assert_close(v, values[0].transpose(0, 1))
