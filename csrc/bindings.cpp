@@ -1,0 +1,24 @@
+// Schemas of every op in the `kvreviver` torch namespace. CPU and CUDA
+// implementations register against these in their own translation units.
+// Reference semantics: kvreviver_vllm/sketch.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(kvreviver, m) {
+  // Store key/value [T, Hkv, D] at their slots of the paged cache; slot < 0 = padding.
+  m.def(
+      "write_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, "
+      "Tensor slot_mapping) -> ()");
+  // Causal attention of each request's query rows over its paged context.
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
+      "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, "
+      "float scale) -> ()");
+}
+
+// `import kvreviver_vllm._C` loads this library, which runs the registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

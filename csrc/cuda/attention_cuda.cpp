@@ -1,0 +1,77 @@
+// Torch binding of the CUDA kernels: built only against a CUDA torch (the CPU
+// wheel lacks c10/cuda). Validates arguments, then hands raw pointers and the
+// current stream to attention_kernels.cu.
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include "attention_kernels.cuh"
+
+namespace kvreviver {
+namespace {
+
+cuda::DType dtype_of(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return cuda::DType::kFloat32;
+    case torch::kFloat16: return cuda::DType::kFloat16;
+    case torch::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+void write_kv_cuda(torch::Tensor kv_cache, const torch::Tensor& key,
+                   const torch::Tensor& value, const torch::Tensor& slot_mapping) {
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4,
+              "kv_cache must be a contiguous [blocks, kv_heads, block_size, 2*D]");
+  const c10::cuda::CUDAGuard guard(kv_cache.device());
+  const auto k = key.to(kv_cache.scalar_type()).contiguous();
+  const auto v = value.to(kv_cache.scalar_type()).contiguous();
+  const auto slots = slot_mapping.to(torch::kInt64).contiguous();
+  check(cuda::launch_write_kv(dtype_of(kv_cache), kv_cache.data_ptr(), k.data_ptr(),
+                              v.data_ptr(), slots.data_ptr<int64_t>(), k.size(0),
+                              k.size(1), k.size(2), kv_cache.size(2),
+                              c10::cuda::getCurrentCUDAStream()),
+        "kvreviver::write_kv");
+}
+
+void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
+                          const torch::Tensor& kv_cache,
+                          const torch::Tensor& block_table,
+                          const torch::Tensor& seq_lens,
+                          const torch::Tensor& query_start_loc, double scale) {
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
+              "query and out must both be [tokens, heads, head_size]");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1,
+              "query and out must be contiguous in the head dimension");
+  TORCH_CHECK(query.size(2) % 32 == 0 && query.size(2) <= 256,
+              "head_size ", query.size(2), " unsupported on CUDA: multiples of 32 up to 256");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.size(3) == 2 * query.size(2),
+              "kv_cache must be a contiguous [blocks, kv_heads, block_size, 2*D]");
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto table = block_table.to(query.device(), torch::kInt32).contiguous();
+  const auto lens = seq_lens.to(query.device(), torch::kInt32).contiguous();
+  const auto qsl = query_start_loc.to(query.device(), torch::kInt32).contiguous();
+  check(cuda::launch_paged_attention(
+            dtype_of(query), out.data_ptr(), query.data_ptr(), kv_cache.data_ptr(),
+            table.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
+            qsl.data_ptr<int32_t>(), query.size(0), lens.size(0), query.size(1),
+            kv_cache.size(1), query.size(2), kv_cache.size(2), table.size(1),
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            static_cast<float>(scale), c10::cuda::getCurrentCUDAStream()),
+        "kvreviver::paged_attention");
+}
+
+TORCH_LIBRARY_IMPL(kvreviver, CUDA, m) {
+  m.impl("paged_attention", &paged_attention_cuda);
+  m.impl("write_kv", &write_kv_cuda);
+}
+
+}  // namespace kvreviver

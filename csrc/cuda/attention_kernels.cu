@@ -1,0 +1,224 @@
+// See attention_kernels.cuh. One thread block per (query token, query head);
+// each warp walks a strided share of the request's keys with an online softmax,
+// then the warps' partial results are merged in shared memory.
+
+#include "attention_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+
+namespace kvreviver::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+template <typename T>
+__global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ key,
+                                const T* __restrict__ value,
+                                const int64_t* __restrict__ slots,
+                                int64_t num_kv_heads, int64_t head_size,
+                                int64_t block_size) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slots[t];
+  if (slot < 0) return;
+  const int64_t blk = slot / block_size, off = slot % block_size;
+  for (int64_t i = threadIdx.x; i < num_kv_heads * head_size; i += blockDim.x) {
+    const int64_t h = i / head_size, d = i % head_size;
+    T* dst = cache + ((blk * num_kv_heads + h) * block_size + off) * 2 * head_size;
+    dst[d] = key[t * num_kv_heads * head_size + i];
+    dst[head_size + d] = value[t * num_kv_heads * head_size + i];
+  }
+}
+
+// kPerLane = head_size / 32 elements of q, k, v and the accumulator per lane.
+template <typename T, int kPerLane>
+__global__ void paged_attention_kernel(
+    T* __restrict__ out, const T* __restrict__ query, const T* __restrict__ cache,
+    const int32_t* __restrict__ block_table, const int32_t* __restrict__ seq_lens,
+    const int32_t* __restrict__ qsl, int64_t num_reqs, int64_t num_q_heads,
+    int64_t num_kv_heads, int64_t block_size, int64_t table_width,
+    int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
+    int64_t out_head_stride, float scale) {
+  constexpr int kHeadSize = kPerLane * 32;
+  const int64_t t = blockIdx.x;
+  const int64_t h = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  // The request owning token t: last r with qsl[r] <= t.
+  int64_t lo = 0, hi = num_reqs - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (qsl[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  const int64_t r = lo;
+  const int64_t num_queries = qsl[r + 1] - qsl[r];
+  const int64_t visible = seq_lens[r] - num_queries + (t - qsl[r]) + 1;
+  const int64_t kvh = h / (num_q_heads / num_kv_heads);
+
+  float q[kPerLane], acc[kPerLane];
+  const T* qp = query + t * q_token_stride + h * q_head_stride + lane * kPerLane;
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+    q[e] = to_float(qp[e]) * scale;
+    acc[e] = 0.f;
+  }
+  float m = -FLT_MAX, s = 0.f;
+  for (int64_t j = warp; j < visible; j += kWarps) {
+    const int64_t blk = block_table[r * table_width + j / block_size];
+    const T* kp = cache + ((blk * num_kv_heads + kvh) * block_size + j % block_size) *
+                              2 * kHeadSize + lane * kPerLane;
+    float logit = 0.f;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) logit += q[e] * to_float(kp[e]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) logit += __shfl_xor_sync(0xffffffff, logit, o);
+    const float m_new = fmaxf(m, logit);
+    const float correction = __expf(m - m_new);
+    const float p = __expf(logit - m_new);
+    s = s * correction + p;
+    const T* vp = kp + kHeadSize;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * correction + p * to_float(vp[e]);
+    m = m_new;
+  }
+
+  __shared__ float warp_m[kWarps], warp_s[kWarps];
+  __shared__ float warp_acc[kWarps][kHeadSize];
+  if (lane == 0) {
+    warp_m[warp] = m;
+    warp_s[warp] = s;
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) warp_acc[warp][lane * kPerLane + e] = acc[e];
+  __syncthreads();
+
+  float m_all = -FLT_MAX;
+  for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, warp_m[w]);
+  float s_all = 0.f;
+  for (int w = 0; w < kWarps; ++w)
+    if (warp_s[w] > 0.f) s_all += warp_s[w] * __expf(warp_m[w] - m_all);
+  T* op = out + t * out_token_stride + h * out_head_stride;
+  for (int d = threadIdx.x; d < kHeadSize; d += blockDim.x) {
+    float v = 0.f;
+    for (int w = 0; w < kWarps; ++w)
+      if (warp_s[w] > 0.f) v += warp_acc[w][d] * __expf(warp_m[w] - m_all);
+    op[d] = from_float<T>(v / s_all);
+  }
+}
+
+template <typename T>
+cudaError_t dispatch_attention(void* out, const void* query, const void* cache,
+                               const int32_t* block_table, const int32_t* seq_lens,
+                               const int32_t* qsl, int64_t num_tokens,
+                               int64_t num_reqs, int64_t num_q_heads,
+                               int64_t num_kv_heads, int64_t head_size,
+                               int64_t block_size, int64_t table_width,
+                               int64_t q_ts, int64_t q_hs, int64_t o_ts,
+                               int64_t o_hs, float scale, cudaStream_t stream) {
+  if (num_tokens == 0) return cudaSuccess;
+  const dim3 grid(num_tokens, num_q_heads), block(kWarps * 32);
+#define KVR_LAUNCH(PER_LANE)                                                    \
+  paged_attention_kernel<T, PER_LANE><<<grid, block, 0, stream>>>(              \
+      static_cast<T*>(out), static_cast<const T*>(query),                       \
+      static_cast<const T*>(cache), block_table, seq_lens, qsl, num_reqs,       \
+      num_q_heads, num_kv_heads, block_size, table_width, q_ts, q_hs, o_ts,     \
+      o_hs, scale)
+  switch (head_size) {
+    case 32: KVR_LAUNCH(1); break;
+    case 64: KVR_LAUNCH(2); break;
+    case 96: KVR_LAUNCH(3); break;
+    case 128: KVR_LAUNCH(4); break;
+    case 160: KVR_LAUNCH(5); break;
+    case 192: KVR_LAUNCH(6); break;
+    case 256: KVR_LAUNCH(8); break;
+    default: return cudaErrorInvalidValue;
+  }
+#undef KVR_LAUNCH
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_write_kv(DType dtype, void* kv_cache, const void* key,
+                            const void* value, const int64_t* slot_mapping,
+                            int64_t num_tokens, int64_t num_kv_heads,
+                            int64_t head_size, int64_t block_size,
+                            cudaStream_t stream) {
+  if (num_tokens == 0) return cudaSuccess;
+  const int threads = 256;
+  switch (dtype) {
+    case DType::kFloat32:
+      write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
+          static_cast<float*>(kv_cache), static_cast<const float*>(key),
+          static_cast<const float*>(value), slot_mapping, num_kv_heads, head_size,
+          block_size);
+      break;
+    case DType::kFloat16:
+      write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
+          static_cast<__half*>(kv_cache), static_cast<const __half*>(key),
+          static_cast<const __half*>(value), slot_mapping, num_kv_heads, head_size,
+          block_size);
+      break;
+    case DType::kBFloat16:
+      write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
+          static_cast<__nv_bfloat16*>(kv_cache),
+          static_cast<const __nv_bfloat16*>(key),
+          static_cast<const __nv_bfloat16*>(value), slot_mapping, num_kv_heads,
+          head_size, block_size);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_paged_attention(
+    DType dtype, void* out, const void* query, const void* kv_cache,
+    const int32_t* block_table, const int32_t* seq_lens,
+    const int32_t* query_start_loc, int64_t num_tokens, int64_t num_reqs,
+    int64_t num_q_heads, int64_t num_kv_heads, int64_t head_size,
+    int64_t block_size, int64_t table_width, int64_t q_token_stride,
+    int64_t q_head_stride, int64_t out_token_stride, int64_t out_head_stride,
+    float scale, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return dispatch_attention<float>(
+          out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
+          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, table_width,
+          q_token_stride, q_head_stride, out_token_stride, out_head_stride, scale,
+          stream);
+    case DType::kFloat16:
+      return dispatch_attention<__half>(
+          out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
+          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, table_width,
+          q_token_stride, q_head_stride, out_token_stride, out_head_stride, scale,
+          stream);
+    case DType::kBFloat16:
+      return dispatch_attention<__nv_bfloat16>(
+          out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
+          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, table_width,
+          q_token_stride, q_head_stride, out_token_stride, out_head_stride, scale,
+          stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace kvreviver::cuda

@@ -1,0 +1,78 @@
+"""Compiled CPU ops against the PyTorch reference, over the shapes the backend sees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvreviver_vllm import ops, sketch
+from test_reference_ops import build_cache
+
+pytestmark = pytest.mark.skipif(
+    ops.implementation() != ops.COMPILED, reason="kvreviver_vllm._C is not built"
+)
+
+
+def test_backend_ops_use_the_compiled_kernels():
+    assert ops.implementation() == ops.COMPILED
+    assert torch.ops.kvreviver.paged_attention.default is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    gqa=st.sampled_from([1, 3, 8]),
+    num_kv_heads=st.sampled_from([1, 3]),
+    head_size=st.sampled_from([64, 128]),
+    block_size=st.sampled_from([16, 32, 128]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_paged_attention_matches_reference(data, gqa, num_kv_heads, head_size, block_size, dtype):
+    num_reqs = data.draw(st.integers(1, 5))
+    seq_lens = data.draw(st.lists(st.integers(1, 400), min_size=num_reqs, max_size=num_reqs))
+    q_lens = [data.draw(st.integers(1, min(n, 20))) for n in seq_lens]
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    cache, table, _, _ = build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen)
+    query = torch.randn(sum(q_lens), gqa * num_kv_heads, head_size, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    want, got = torch.empty_like(query), torch.empty_like(query)
+    sketch.paged_attention(want, query, cache, table, lens, qsl, head_size**-0.5)
+    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, head_size**-0.5)
+    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("seq_len", [1, 8192])
+def test_paged_attention_long_and_single_token_context(seq_len):
+    gen = torch.Generator().manual_seed(7)
+    cache, table, _, _ = build_cache([seq_len, 5], 3, 64, 128, torch.bfloat16, gen)
+    query = torch.randn(2, 9, 64, generator=gen).to(torch.bfloat16)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    lens = torch.tensor([seq_len, 5], dtype=torch.int32)
+    want, got = torch.empty_like(query), torch.empty_like(query)
+    sketch.paged_attention(want, query, cache, table, lens, qsl, 0.125)
+    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, 0.125)
+    torch.testing.assert_close(got, want, atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    key = torch.randn(50, 3, 64, generator=gen).to(dtype)
+    value = torch.randn(50, 3, 64, generator=gen).to(dtype)
+    slots = torch.randperm(4 * 32, generator=gen)[:50]
+    slots[::7] = -1  # padding
+    want = torch.zeros(4, 3, 32, 128, dtype=dtype)
+    got = torch.zeros_like(want)
+    sketch.write_kv(want, key, value, slots)
+    torch.ops.kvreviver.write_kv(got, key, value, slots)
+    assert torch.equal(got, want)
+
+
+def test_write_kv_rejects_out_of_range_slot():
+    cache = torch.zeros(2, 1, 16, 8)
+    with pytest.raises(RuntimeError, match=r"slot 32 is out of range \[0, 32\)"):
+        torch.ops.kvreviver.write_kv(cache, torch.ones(1, 1, 4), torch.ones(1, 1, 4), torch.tensor([32]))
