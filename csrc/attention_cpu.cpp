@@ -2,20 +2,35 @@
 // attention over a request's slots. Semantics are those of the PyTorch
 // reference in kvreviver_vllm/sketch.py (write_kv, paged_attention).
 //
-// Paged cache of one layer: [num_blocks, num_kv_heads, block_size, 2 * D]; a
-// token slot holds its key in [0, D) and its value in [D, 2D).
+// Paged cache of one layer: [num_blocks, num_kv_heads, block_size, W]; a token
+// slot holds its key in [0, D), its value in [D, 2D), then 8 metadata bytes:
+// the logical position (int32) and the attention score (float32).
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace kvreviver {
 namespace {
+
+constexpr int64_t kMetaBytes = 8;
+
+// Metadata of the slot whose first element is `slot` (head size `d`).
+template <typename scalar_t>
+inline int32_t* slot_position(scalar_t* slot, int64_t d) {
+  return reinterpret_cast<int32_t*>(slot + 2 * d);
+}
+template <typename scalar_t>
+inline float* slot_score(scalar_t* slot, int64_t d) {
+  return reinterpret_cast<float*>(slot + 2 * d) + 1;
+}
 
 // Query rows of one request processed together, so each key/value read from the
 // cache is reused by kTileRows x (query heads per KV head) dot products.
@@ -42,7 +57,8 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
                             const torch::Tensor& kv_cache,
                             const torch::Tensor& block_table,
                             const torch::Tensor& seq_lens,
-                            const torch::Tensor& query_start_loc, double scale) {
+                            const torch::Tensor& query_start_loc, double scale,
+                            bool accumulate_scores) {
   const int64_t num_kv_heads = kv_cache.size(1);
   const int64_t block_size = kv_cache.size(2);
   const int64_t head_size = query.size(2);
@@ -71,11 +87,11 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   const int64_t num_items = static_cast<int64_t>(tiles.size()) * num_kv_heads;
 
   const scalar_t* q_base = query.data_ptr<scalar_t>();
-  const scalar_t* cache = kv_cache.data_ptr<scalar_t>();
+  scalar_t* cache = kv_cache.data_ptr<scalar_t>();
   scalar_t* out_base = out.data_ptr<scalar_t>();
   const int64_t q_tok_stride = query.stride(0), q_head_stride = query.stride(1);
   const int64_t o_tok_stride = out.stride(0), o_head_stride = out.stride(1);
-  const int64_t slot_stride = 2 * head_size;
+  const int64_t slot_stride = kv_cache.size(3);
   const int64_t head_stride = block_size * slot_stride;
   const int64_t block_stride = num_kv_heads * head_stride;
   const float fscale = static_cast<float>(scale);
@@ -142,14 +158,21 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
 
       std::fill(acc.begin(), acc.begin() + rows * head_size, 0.f);
       for (int64_t j0 = 0; j0 < span; j0 += block_size) {
-        const scalar_t* blk = cache + blocks[j0 / block_size] * block_stride +
-                              h * head_stride;
+        scalar_t* blk = cache + blocks[j0 / block_size] * block_stride +
+                        h * head_stride;
         const int64_t n = std::min(block_size, span - j0);
         for (int64_t o = 0; o < n; ++o) {
           const scalar_t* v = blk + o * slot_stride + head_size;
+          float received = 0.f;
           for (int64_t row = 0; row < rows; ++row) {
             const float p = logits[row * span + j0 + o];
             if (p != 0.f) axpy(&acc[row * head_size], p, v, head_size);
+            received += p * inv_sum[row];
+          }
+          if (accumulate_scores && received != 0.f) {
+            // Other query tiles of this request may add to the same slot.
+            std::atomic_ref<float>(*slot_score(blk + o * slot_stride, head_size))
+                .fetch_add(received, std::memory_order_relaxed);
           }
         }
       }
@@ -174,9 +197,10 @@ void check_attention_args(const torch::Tensor& out, const torch::Tensor& query,
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
               "query and out must both be [tokens, heads, head_size]");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, 2*D]");
-  TORCH_CHECK(kv_cache.size(3) == 2 * query.size(2),
-              "kv_cache last dim must be 2 * head_size");
+              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
+  TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
+                  2 * query.size(2) * kv_cache.element_size() + kMetaBytes,
+              "kv_cache slots must hold K, V and 8 metadata bytes");
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0,
               "query heads must be a multiple of KV heads");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1,
@@ -195,27 +219,36 @@ void paged_attention_cpu(torch::Tensor out, const torch::Tensor& query,
                          const torch::Tensor& kv_cache,
                          const torch::Tensor& block_table,
                          const torch::Tensor& seq_lens,
-                         const torch::Tensor& query_start_loc, double scale) {
+                         const torch::Tensor& query_start_loc, double scale,
+                         bool accumulate_scores) {
   check_attention_args(out, query, kv_cache, block_table, seq_lens,
                        query_start_loc);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::BFloat16, at::ScalarType::Half, query.scalar_type(),
       "kvreviver_paged_attention", [&] {
         paged_attention_kernel<scalar_t>(out, query, kv_cache, block_table,
-                                         seq_lens, query_start_loc, scale);
+                                         seq_lens, query_start_loc, scale,
+                                         accumulate_scores);
       });
 }
 
 void write_kv_cpu(torch::Tensor kv_cache, const torch::Tensor& key,
-                  const torch::Tensor& value, const torch::Tensor& slot_mapping) {
+                  const torch::Tensor& value, const torch::Tensor& slot_mapping,
+                  const torch::Tensor& positions) {
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, 2*D]");
+              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(),
               "key and value must both be [tokens, kv_heads, head_size]");
-  TORCH_CHECK(kv_cache.size(3) == 2 * key.size(2) && kv_cache.size(1) == key.size(1),
-              "kv_cache [blocks, kv_heads, block_size, 2*D] does not match key");
-  TORCH_CHECK(slot_mapping.numel() == key.size(0), "one slot per token");
+  TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
+                      2 * key.size(2) * kv_cache.element_size() + kMetaBytes &&
+                  kv_cache.size(1) == key.size(1),
+              "kv_cache [blocks, kv_heads, block_size, K|V|meta] does not match key");
+  TORCH_CHECK(slot_mapping.numel() == key.size(0) && positions.numel() == key.size(0),
+              "one slot and one position per token");
   const auto slots = slot_mapping.to(torch::kInt64).contiguous();
+  const auto pos = positions.to(torch::kInt64).contiguous();
+  const int64_t* pos_p = pos.data_ptr<int64_t>();
+  const int64_t width = kv_cache.size(3);
   const auto k = key.to(kv_cache.scalar_type()).contiguous();
   const auto v = value.to(kv_cache.scalar_type()).contiguous();
   const int64_t tokens = k.size(0), heads = k.size(1), d = k.size(2);
@@ -237,9 +270,11 @@ void write_kv_cpu(torch::Tensor kv_cache, const torch::Tensor& key,
             if (slot < 0) continue;  // padding
             const int64_t blk = slot / block_size, off = slot % block_size;
             for (int64_t h = 0; h < heads; ++h) {
-              scalar_t* dst = cache + ((blk * heads + h) * block_size + off) * 2 * d;
+              scalar_t* dst = cache + ((blk * heads + h) * block_size + off) * width;
               std::copy_n(kp + (t * heads + h) * d, d, dst);
               std::copy_n(vp + (t * heads + h) * d, d, dst + d);
+              *slot_position(dst, d) = static_cast<int32_t>(pos_p[t]);
+              *slot_score(dst, d) = 0.f;
             }
           }
         });

@@ -6,15 +6,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(kvreviver, m) {
-  // Store key/value [T, Hkv, D] at their slots of the paged cache; slot < 0 = padding.
+  // Store key/value [T, Hkv, D] and positions at their slots; slot < 0 = padding.
   m.def(
       "write_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, "
-      "Tensor slot_mapping) -> ()");
-  // Causal attention of each request's query rows over its paged context.
+      "Tensor slot_mapping, Tensor positions) -> ()");
+  // Causal attention of each request's query rows over its first seq_lens
+  // slots; optionally adds the attention each slot received to its score.
   m.def(
-      "paged_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor(b!) kv_cache, "
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, "
-      "float scale) -> ()");
+      "float scale, bool accumulate_scores) -> ()");
 }
 
 // `import kvreviver_vllm._C` loads this library, which runs the registrations.

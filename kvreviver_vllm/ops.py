@@ -51,3 +51,6 @@ def _dispatch(name: str) -> Callable:
 
 write_kv = _dispatch("write_kv")
 paged_attention = _dispatch("paged_attention")
+# Run once per request every few hundred tokens; no compiled kernel yet.
+compact = sketch.compact
+request_scores = sketch.request_scores

@@ -53,18 +53,35 @@ def is_kvreviver_selected(vllm_config) -> bool:
     return any(b is not None and b.name == BACKEND_NAME for b in chosen)
 
 
+# Variants whose vague store is not built yet (they are refused, never faked).
+UNAVAILABLE_VARIANTS = ("quantized", "sketch")
+
+
 def validate_engine_config(vllm_config) -> None:
     """Refuse, before the engine starts, what the backend cannot serve correctly."""
     from kvreviver_vllm.config import KVReviverConfig, KVReviverConfigError
 
     config = KVReviverConfig.from_vllm_config(vllm_config)
-    max_model_len = vllm_config.model_config.max_model_len
-    if config.compresses(max_model_len):
-        raise KVReviverConfigError(
-            f"kvreviver.budget={config.budget!r} would compress requests of up to "
-            f"{max_model_len} tokens, and this release serves exact attention only: "
-            "set kvreviver.budget to 1.0 (or to at least max_model_len tokens)"
-        )
+    if config.compresses(vllm_config.model_config.max_model_len):
+        if config.variant in UNAVAILABLE_VARIANTS:
+            raise KVReviverConfigError(
+                f"kvreviver.variant={config.variant!r} is not available yet: with "
+                "budget < 1 use variant 'evict' or 'streaming'"
+            )
+        conflicts = {
+            "prefix caching (add --no-enable-prefix-caching)":
+                vllm_config.cache_config.enable_prefix_caching,
+            "speculative decoding (drop --speculative-config)":
+                vllm_config.speculative_config is not None,
+            "KV transfer (drop --kv-transfer-config)":
+                vllm_config.kv_transfer_config is not None,
+        }
+        bad = [name for name, present in conflicts.items() if present]
+        if bad:
+            raise KVReviverConfigError(
+                f"kvreviver.budget={config.budget!r} compresses the KV cache, which "
+                f"cannot be combined with {'; '.join(bad)}"
+            )
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in ("auto", "float16", "bfloat16"):
         raise KVReviverConfigError(
@@ -122,7 +139,10 @@ def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
     from vllm.platforms import current_platform
 
+    from kvreviver_vllm.kv_cache import register_kv_cache_spec
+
     backend_member()
+    register_kv_cache_spec()
     if current_platform.is_cpu():
         _patch_cpu_selector()
     _patch_config_check(type(current_platform))

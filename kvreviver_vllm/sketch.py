@@ -3,15 +3,43 @@
 Written for clarity, not speed. Each function here has the same signature and
 semantics as the op of the same name that ``ops.py`` exposes.
 
-Paged cache layout (one layer): ``kv_cache[num_blocks, num_kv_heads, block_size, 2 * D]``;
-token slot ``s`` lives at block ``s // block_size``, offset ``s % block_size``; its key
-is ``[..., :D]`` and its value ``[..., D:]``.
+Paged cache layout (one layer): ``kv_cache[num_blocks, num_kv_heads, block_size, W]``.
+A request's physical slot ``s`` is offset ``s % block_size`` of block
+``block_table[req, s // block_size]``. Each slot holds, per KV head,
+
+    [ key (D elements) | value (D elements) | position (int32) | score (float32) ]
+
+so ``W = 2 * D + META_BYTES / itemsize``. The position is the token's logical
+(RoPE) position; the score is the attention mass the token received since the
+request's last compaction (summed over the query heads of its GQA group).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+META_BYTES = 8  # int32 position + float32 score
+
+
+def slot_width(head_size: int, dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` per (slot, KV head): K, V and the metadata."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * head_size + META_BYTES // itemsize
+
+
+def head_size_of(kv_cache: torch.Tensor) -> int:
+    return (kv_cache.shape[-1] - META_BYTES // kv_cache.element_size()) // 2
+
+
+def slot_meta(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(positions int32, scores float32)`` shaped ``kv_cache.shape[:-1]``."""
+    meta = kv_cache[..., 2 * head_size_of(kv_cache) :].view(torch.int32)
+    return meta[..., 0], meta[..., 1].view(torch.float32)
+
+
+def physical_slots(block_row: torch.Tensor, slots: torch.Tensor, block_size: int):
+    """(block ids, offsets) of a request's physical slot indices."""
+    return block_row[slots // block_size].long(), slots % block_size
 
 
 def write_kv(
@@ -19,29 +47,42 @@ def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
+    positions: torch.Tensor,
 ) -> None:
-    """Store ``key``/``value`` ``[T, Hkv, D]`` at their slots; slots < 0 are padding."""
+    """Store ``key``/``value`` ``[T, Hkv, D]`` and each token's logical position at
+    its slot (global slot id ``block * block_size + offset``) with score 0.
+    Slots < 0 are padding and skipped."""
     block_size = kv_cache.shape[2]
     head_size = key.shape[-1]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
-        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
+        slot_mapping, key, value, positions = (
+            slot_mapping[valid], key[valid], value[valid], positions[valid]
+        )
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
     kv_cache[blocks, :, offsets, :head_size] = key.to(kv_cache.dtype)
-    kv_cache[blocks, :, offsets, head_size:] = value.to(kv_cache.dtype)
+    kv_cache[blocks, :, offsets, head_size : 2 * head_size] = value.to(kv_cache.dtype)
+    pos, score = slot_meta(kv_cache)
+    pos[blocks, :, offsets] = positions.to(torch.int32)[:, None]
+    score[blocks, :, offsets] = 0.0
+
+
+def gather_slots(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Whole slots ``[Hkv, num_tokens, W]`` of one request's first ``num_tokens`` slots."""
+    blocks, offsets = physical_slots(
+        block_row, torch.arange(num_tokens, device=kv_cache.device), kv_cache.shape[2]
+    )
+    return kv_cache[blocks, :, offsets].transpose(0, 1)
 
 
 def gather_kv(
     kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[Hkv, num_tokens, D]`` of one request's first ``num_tokens`` slots."""
-    num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
-    used = -(-num_tokens // block_size)
-    kv = kv_cache[block_row[:used].long()]  # [used, Hkv, bs, 2D]
-    kv = kv.transpose(0, 1).reshape(num_kv_heads, used * block_size, two_d)[:, :num_tokens]
-    head_size = two_d // 2
-    return kv[..., :head_size], kv[..., head_size:]
+    head_size = head_size_of(kv_cache)
+    slots = gather_slots(kv_cache, block_row, num_tokens)
+    return slots[..., :head_size], slots[..., head_size : 2 * head_size]
 
 
 def paged_attention(
@@ -52,36 +93,65 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    accumulate_scores: bool,
 ) -> None:
-    """Causal attention of each request's queries over its paged context.
+    """Causal attention of each request's queries over its first ``seq_lens`` slots.
 
     ``query``/``out`` are ``[T, Hq, D]``; request ``r`` owns query rows
-    ``query_start_loc[r]:query_start_loc[r+1]`` and ``seq_lens[r]`` context tokens
-    (the new ones included). Query row ``i`` of a request with ``n`` queries sees
-    context tokens ``[0, seq_len - n + i]``. GQA: query head ``h`` reads KV head
-    ``h // (Hq // Hkv)``. Softmax and accumulation are in float32.
+    ``query_start_loc[r]:query_start_loc[r+1]``. Query row ``i`` of a request with
+    ``n`` queries sees slots ``[0, seq_len - n + i]``. GQA: query head ``h`` reads
+    KV head ``h // (Hq // Hkv)``. Softmax and accumulation are in float32.
+    With ``accumulate_scores``, each slot's score grows by the attention
+    probability it received, summed over query rows and the heads of its group.
     """
+    num_kv_heads = kv_cache.shape[1]
+    group = query.shape[1] // num_kv_heads
+    _, score = slot_meta(kv_cache)
     starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for r, seq_len in enumerate(lens):
+    for r, seq_len in enumerate(seq_lens.tolist()):
         q0, q1 = starts[r], starts[r + 1]
         num_queries = q1 - q0
         if num_queries == 0:
             continue
         keys, values = gather_kv(kv_cache, block_table[r], seq_len)
+        keys = keys.float().repeat_interleave(group, 0)  # [Hq, L, D]
+        values = values.float().repeat_interleave(group, 0)
         q = query[q0:q1].transpose(0, 1).float()  # [Hq, n, D]
-        mask = None
-        if num_queries > 1:
-            # Row i sees keys j <= seq_len - n + i (bottom-right aligned causal mask).
-            rows = torch.arange(num_queries, device=q.device)[:, None]
-            cols = torch.arange(seq_len, device=q.device)[None, :]
-            mask = cols <= rows + (seq_len - num_queries)
-        attn = F.scaled_dot_product_attention(
-            q,
-            keys.float(),
-            values.float(),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[q0:q1] = attn.transpose(0, 1).to(out.dtype)
+        logits = (q @ keys.transpose(1, 2)) * scale  # [Hq, n, L]
+        rows = torch.arange(num_queries, device=q.device)[:, None]
+        cols = torch.arange(seq_len, device=q.device)[None, :]
+        # Row i sees slots j <= seq_len - n + i (bottom-right aligned causal mask).
+        logits = logits.masked_fill(cols > rows + (seq_len - num_queries), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[q0:q1] = (probs @ values).transpose(0, 1).to(out.dtype)
+        if accumulate_scores:
+            received = probs.sum(dim=1).view(num_kv_heads, group, seq_len).sum(dim=1)
+            blocks, offsets = physical_slots(
+                block_table[r], torch.arange(seq_len, device=q.device), kv_cache.shape[2]
+            )
+            score[blocks, :, offsets] += received.transpose(0, 1)
+
+
+def compact(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: torch.Tensor) -> None:
+    """Move each KV head's kept slots ``kept_slots[h]`` (ascending, ``[Hkv, keep]``)
+    of one request to its slots ``[0, keep)``, in order, and zero their scores."""
+    num_kv_heads, keep = kept_slots.shape
+    block_size = kv_cache.shape[2]
+    heads = torch.arange(num_kv_heads, device=kv_cache.device)[:, None]
+    src_blocks, src_offsets = physical_slots(block_row, kept_slots, block_size)
+    kept = kv_cache[src_blocks, heads, src_offsets]  # a copy: sources may be overwritten
+    dst_blocks, dst_offsets = physical_slots(
+        block_row, torch.arange(keep, device=kv_cache.device), block_size
+    )
+    kv_cache[dst_blocks[None], heads, dst_offsets[None]] = kept
+    _, score = slot_meta(kv_cache)
+    score[dst_blocks, :, dst_offsets] = 0.0
+
+
+def request_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Scores ``[Hkv, num_slots]`` (float32) of one request's first slots."""
+    _, score = slot_meta(kv_cache)
+    blocks, offsets = physical_slots(
+        block_row, torch.arange(num_slots, device=kv_cache.device), kv_cache.shape[2]
+    )
+    return score[blocks, :, offsets].transpose(0, 1)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvreviver_vllm import ops, sketch
-from test_reference_ops import build_cache
+from test_reference_ops import build_cache, request_meta
 
 pytestmark = pytest.mark.skipif(
     ops.implementation() != ops.COMPILED, reason="kvreviver_vllm._C is not built"
@@ -39,10 +39,15 @@ def test_paged_attention_matches_reference(data, gqa, num_kv_heads, head_size, b
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     want, got = torch.empty_like(query), torch.empty_like(query)
-    sketch.paged_attention(want, query, cache, table, lens, qsl, head_size**-0.5)
-    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, head_size**-0.5)
+    ref_cache = cache.clone()
+    sketch.paged_attention(want, query, ref_cache, table, lens, qsl, head_size**-0.5, True)
+    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, head_size**-0.5, True)
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for r, n in enumerate(seq_lens):
+        _, want_scores = request_meta(ref_cache, table[r], n)
+        _, got_scores = request_meta(cache, table[r], n)
+        torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("seq_len", [1, 8192])
@@ -53,9 +58,11 @@ def test_paged_attention_long_and_single_token_context(seq_len):
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
     lens = torch.tensor([seq_len, 5], dtype=torch.int32)
     want, got = torch.empty_like(query), torch.empty_like(query)
-    sketch.paged_attention(want, query, cache, table, lens, qsl, 0.125)
-    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, 0.125)
+    sketch.paged_attention(want, query, cache, table, lens, qsl, 0.125, False)
+    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, 0.125, False)
     torch.testing.assert_close(got, want, atol=1.6e-2, rtol=1.6e-2)
+    for r, n in enumerate([seq_len, 5]):
+        assert not request_meta(cache, table[r], n)[1].any()  # scores untouched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,14 +72,16 @@ def test_write_kv_matches_reference(dtype):
     value = torch.randn(50, 3, 64, generator=gen).to(dtype)
     slots = torch.randperm(4 * 32, generator=gen)[:50]
     slots[::7] = -1  # padding
-    want = torch.zeros(4, 3, 32, 128, dtype=dtype)
+    positions = torch.randint(0, 8192, (50,), generator=gen)
+    want = torch.zeros(4, 3, 32, sketch.slot_width(64, dtype), dtype=dtype)
     got = torch.zeros_like(want)
-    sketch.write_kv(want, key, value, slots)
-    torch.ops.kvreviver.write_kv(got, key, value, slots)
-    assert torch.equal(got, want)
+    sketch.write_kv(want, key, value, slots, positions)
+    torch.ops.kvreviver.write_kv(got, key, value, slots, positions)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_write_kv_rejects_out_of_range_slot():
-    cache = torch.zeros(2, 1, 16, 8)
+    cache = torch.zeros(2, 1, 16, sketch.slot_width(4, torch.float32))
+    one = torch.ones(1, 1, 4)
     with pytest.raises(RuntimeError, match=r"slot 32 is out of range \[0, 32\)"):
-        torch.ops.kvreviver.write_kv(cache, torch.ones(1, 1, 4), torch.ones(1, 1, 4), torch.tensor([32]))
+        torch.ops.kvreviver.write_kv(cache, one, one, torch.tensor([32]), torch.tensor([0]))

@@ -95,10 +95,16 @@ def test_bad_config_stops_engine_config(model_dir, section, message):
     assert message in str(err.value)
 
 
-def test_engine_config_accepts_exact_mode_and_refuses_unimplemented_compression(model_dir):
+def test_engine_config_refuses_what_compression_cannot_serve(model_dir):
     config = _engine_config(model_dir, {"kvreviver": {"budget": 1.0}})
     assert plugin.is_kvreviver_selected(config)
-    with pytest.raises(ValueError, match="serves exact attention only"):
-        _engine_config(model_dir, {"kvreviver": {"budget": 0.1}})
+    with pytest.raises(ValueError, match="kvreviver.variant='quantized' is not available yet"):
+        _engine_config(model_dir, {"kvreviver": {"budget": 0.1}}, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match=r"prefix caching \(add --no-enable-prefix-caching\)"):
+        _engine_config(model_dir, {"kvreviver": {"budget": 0.1, "variant": "evict"}})
+    config = _engine_config(
+        model_dir, {"kvreviver": {"budget": 0.1, "variant": "evict"}}, enable_prefix_caching=False
+    )
+    assert plugin.is_kvreviver_selected(config)
     with pytest.raises(ValueError, match="--kv-cache-dtype fp8 is not supported"):
         _engine_config(model_dir, kv_cache_dtype="fp8")

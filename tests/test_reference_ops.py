@@ -13,18 +13,21 @@ from kvreviver_vllm import sketch
 
 
 def naive_attention(query, keys, values, scale, seq_len, num_queries):
-    """float64, one query row and one head at a time."""
+    """float64, one query row and one head at a time. Returns the output and the
+    attention each key received, summed over query rows and the GQA group."""
     hq, hkv = query.shape[1], keys.shape[1]
     out = torch.zeros(query.shape, dtype=torch.float64)
+    received = torch.zeros(hkv, seq_len, dtype=torch.float64)
     for i in range(num_queries):
         visible = seq_len - num_queries + i + 1
         for h in range(hq):
             kvh = h // (hq // hkv)
             k = keys[:visible, kvh].double()
             v = values[:visible, kvh].double()
-            logits = (k @ query[i, h].double()) * scale
-            out[i, h] = torch.softmax(logits, 0) @ v
-    return out
+            probs = torch.softmax((k @ query[i, h].double()) * scale, 0)
+            out[i, h] = probs @ v
+            received[kvh, :visible] += probs
+    return out, received
 
 
 def build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen):
@@ -32,9 +35,9 @@ def build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen):
     blocks_per_req = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_req) + 3
     perm = torch.randperm(num_blocks, generator=gen)
-    cache = torch.full((num_blocks, num_kv_heads, block_size, 2 * head_size), float("nan"), dtype=dtype)
-    width = max(blocks_per_req)
-    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    width = sketch.slot_width(head_size, dtype)
+    cache = torch.full((num_blocks, num_kv_heads, block_size, width), float("nan"), dtype=dtype)
+    table = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32)
     keys, values, used = [], [], 0
     for r, n in enumerate(seq_lens):
         row = perm[used : used + blocks_per_req[r]]
@@ -44,7 +47,7 @@ def build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen):
         v = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
         pos = torch.arange(n)
         slots = row[pos // block_size].long() * block_size + pos % block_size
-        sketch.write_kv(cache, k, v, slots)
+        sketch.write_kv(cache, k, v, slots, pos)
         keys.append(k)
         values.append(v)
     return cache, table, keys, values
@@ -71,28 +74,46 @@ def test_paged_attention_matches_naive(data, gqa, num_kv_heads, head_size, block
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     out = torch.empty_like(query)
     scale = head_size**-0.5
-    sketch.paged_attention(out, query, cache, table, torch.tensor(seq_lens, dtype=torch.int32), qsl, scale)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, True)
+    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, True)  # scores add up
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
         rows = slice(int(qsl[r]), int(qsl[r + 1]))
-        want = naive_attention(query[rows], keys[r], values[r], scale, n, q)
+        want, received = naive_attention(query[rows], keys[r], values[r], scale, n, q)
         torch.testing.assert_close(out[rows].double(), want, atol=tol, rtol=tol)
+        positions, scores = request_meta(cache, table[r], n)
+        assert positions.tolist() == [list(range(n))] * num_kv_heads
+        torch.testing.assert_close(scores.double(), 2 * received, atol=1e-4, rtol=1e-4)
 
 
-def test_write_kv_skips_padding_slots():
-    cache = torch.zeros(2, 1, 16, 8)
+def request_meta(cache, block_row, num_tokens):
+    """(positions, scores) ``[Hkv, num_tokens]`` of a request's first slots."""
+    positions, scores = sketch.slot_meta(cache)
+    blocks, offsets = sketch.physical_slots(block_row, torch.arange(num_tokens), cache.shape[2])
+    return positions[blocks, :, offsets].T, scores[blocks, :, offsets].T
+
+
+def test_slot_layout_holds_kv_position_and_score():
+    assert sketch.slot_width(64, torch.bfloat16) == 132
+    assert sketch.slot_width(64, torch.float32) == 130
+    cache = torch.zeros(2, 1, 16, sketch.slot_width(4, torch.float32))
     key = torch.ones(3, 1, 4)
     value = 2 * torch.ones(3, 1, 4)
-    sketch.write_kv(cache, key, value, torch.tensor([0, -1, 17]))
-    assert cache[0, 0, 0].tolist() == [1] * 4 + [2] * 4
-    assert cache[1, 0, 1].tolist() == [1] * 4 + [2] * 4
-    assert int((cache != 0).sum()) == 16
+    sketch.write_kv(cache, key, value, torch.tensor([0, -1, 17]), torch.tensor([5, 6, 8190]))
+    assert cache[0, 0, 0, :8].tolist() == [1] * 4 + [2] * 4
+    assert cache[1, 0, 1, :8].tolist() == [1] * 4 + [2] * 4
+    positions, scores = sketch.slot_meta(cache)
+    assert positions[0, 0, 0] == 5 and positions[1, 0, 1] == 8190
+    assert int((cache[..., :8] != 0).sum()) == 16 and not scores.any()
 
 
 @pytest.mark.parametrize("seq_len", [1, 8191, 8192])
 def test_gather_kv_near_max_positions(seq_len):
     gen = torch.Generator().manual_seed(seq_len)
     cache, table, keys, values = build_cache([seq_len], 2, 64, 128, torch.float32, gen)
+    positions, _ = request_meta(cache, table[0], seq_len)
+    assert positions[:, -1].tolist() == [seq_len - 1] * 2
     k, v = sketch.gather_kv(cache, table[0], seq_len)
     torch.testing.assert_close(k, keys[0].transpose(0, 1))
     torch.testing.assert_close(v, values[0].transpose(0, 1))

@@ -27,34 +27,45 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
-void write_kv_cuda(torch::Tensor kv_cache, const torch::Tensor& key,
-                   const torch::Tensor& value, const torch::Tensor& slot_mapping) {
+constexpr int64_t kMetaBytes = 8;  // int32 position + float32 score per slot
+
+void check_slot_width(const torch::Tensor& kv_cache, int64_t head_size) {
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4,
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, 2*D]");
+              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
+  TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
+                  2 * head_size * kv_cache.element_size() + kMetaBytes,
+              "kv_cache slots must hold K, V and 8 metadata bytes");
+}
+
+void write_kv_cuda(torch::Tensor kv_cache, const torch::Tensor& key,
+                   const torch::Tensor& value, const torch::Tensor& slot_mapping,
+                   const torch::Tensor& positions) {
+  check_slot_width(kv_cache, key.size(2));
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   const auto k = key.to(kv_cache.scalar_type()).contiguous();
   const auto v = value.to(kv_cache.scalar_type()).contiguous();
-  const auto slots = slot_mapping.to(torch::kInt64).contiguous();
+  const auto slots = slot_mapping.to(kv_cache.device(), torch::kInt64).contiguous();
+  const auto pos = positions.to(kv_cache.device(), torch::kInt64).contiguous();
   check(cuda::launch_write_kv(dtype_of(kv_cache), kv_cache.data_ptr(), k.data_ptr(),
-                              v.data_ptr(), slots.data_ptr<int64_t>(), k.size(0),
-                              k.size(1), k.size(2), kv_cache.size(2),
+                              v.data_ptr(), slots.data_ptr<int64_t>(),
+                              pos.data_ptr<int64_t>(), k.size(0), k.size(1),
+                              k.size(2), kv_cache.size(2), kv_cache.size(3),
                               c10::cuda::getCurrentCUDAStream()),
         "kvreviver::write_kv");
 }
 
 void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
-                          const torch::Tensor& kv_cache,
-                          const torch::Tensor& block_table,
+                          torch::Tensor kv_cache, const torch::Tensor& block_table,
                           const torch::Tensor& seq_lens,
-                          const torch::Tensor& query_start_loc, double scale) {
+                          const torch::Tensor& query_start_loc, double scale,
+                          bool accumulate_scores) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
               "query and out must both be [tokens, heads, head_size]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1,
               "query and out must be contiguous in the head dimension");
   TORCH_CHECK(query.size(2) % 32 == 0 && query.size(2) <= 256,
               "head_size ", query.size(2), " unsupported on CUDA: multiples of 32 up to 256");
-  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.size(3) == 2 * query.size(2),
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, 2*D]");
+  check_slot_width(kv_cache, query.size(2));
   const c10::cuda::CUDAGuard guard(query.device());
   const auto table = block_table.to(query.device(), torch::kInt32).contiguous();
   const auto lens = seq_lens.to(query.device(), torch::kInt32).contiguous();
@@ -63,9 +74,10 @@ void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
             dtype_of(query), out.data_ptr(), query.data_ptr(), kv_cache.data_ptr(),
             table.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
             qsl.data_ptr<int32_t>(), query.size(0), lens.size(0), query.size(1),
-            kv_cache.size(1), query.size(2), kv_cache.size(2), table.size(1),
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            static_cast<float>(scale), c10::cuda::getCurrentCUDAStream()),
+            kv_cache.size(1), query.size(2), kv_cache.size(2), kv_cache.size(3),
+            table.size(1), query.stride(0), query.stride(1), out.stride(0),
+            out.stride(1), static_cast<float>(scale), accumulate_scores,
+            c10::cuda::getCurrentCUDAStream()),
         "kvreviver::paged_attention");
 }
 

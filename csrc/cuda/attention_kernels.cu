@@ -32,33 +32,49 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
 }
 
+// The metadata of a slot starting at `slot`: int32 position, float32 score.
+template <typename T>
+__device__ __forceinline__ int32_t* slot_position(T* slot, int64_t head_size) {
+  return reinterpret_cast<int32_t*>(slot + 2 * head_size);
+}
+template <typename T>
+__device__ __forceinline__ float* slot_score(T* slot, int64_t head_size) {
+  return reinterpret_cast<float*>(slot + 2 * head_size) + 1;
+}
+
 template <typename T>
 __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ key,
                                 const T* __restrict__ value,
                                 const int64_t* __restrict__ slots,
+                                const int64_t* __restrict__ positions,
                                 int64_t num_kv_heads, int64_t head_size,
-                                int64_t block_size) {
+                                int64_t block_size, int64_t slot_width) {
   const int64_t t = blockIdx.x;
   const int64_t slot = slots[t];
   if (slot < 0) return;
   const int64_t blk = slot / block_size, off = slot % block_size;
   for (int64_t i = threadIdx.x; i < num_kv_heads * head_size; i += blockDim.x) {
     const int64_t h = i / head_size, d = i % head_size;
-    T* dst = cache + ((blk * num_kv_heads + h) * block_size + off) * 2 * head_size;
+    T* dst = cache + ((blk * num_kv_heads + h) * block_size + off) * slot_width;
     dst[d] = key[t * num_kv_heads * head_size + i];
     dst[head_size + d] = value[t * num_kv_heads * head_size + i];
+    if (d == 0) {
+      *slot_position(dst, head_size) = static_cast<int32_t>(positions[t]);
+      *slot_score(dst, head_size) = 0.f;
+    }
   }
 }
 
 // kPerLane = head_size / 32 elements of q, k, v and the accumulator per lane.
 template <typename T, int kPerLane>
 __global__ void paged_attention_kernel(
-    T* __restrict__ out, const T* __restrict__ query, const T* __restrict__ cache,
+    T* __restrict__ out, const T* __restrict__ query, T* __restrict__ cache,
     const int32_t* __restrict__ block_table, const int32_t* __restrict__ seq_lens,
     const int32_t* __restrict__ qsl, int64_t num_reqs, int64_t num_q_heads,
-    int64_t num_kv_heads, int64_t block_size, int64_t table_width,
-    int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
-    int64_t out_head_stride, float scale) {
+    int64_t num_kv_heads, int64_t block_size, int64_t slot_width,
+    int64_t table_width, int64_t q_token_stride, int64_t q_head_stride,
+    int64_t out_token_stride, int64_t out_head_stride, float scale,
+    bool accumulate_scores) {
   constexpr int kHeadSize = kPerLane * 32;
   const int64_t t = blockIdx.x;
   const int64_t h = blockIdx.y;
@@ -86,7 +102,7 @@ __global__ void paged_attention_kernel(
   for (int64_t j = warp; j < visible; j += kWarps) {
     const int64_t blk = block_table[r * table_width + j / block_size];
     const T* kp = cache + ((blk * num_kv_heads + kvh) * block_size + j % block_size) *
-                              2 * kHeadSize + lane * kPerLane;
+                              slot_width + lane * kPerLane;
     float logit = 0.f;
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) logit += q[e] * to_float(kp[e]);
@@ -124,25 +140,42 @@ __global__ void paged_attention_kernel(
       if (warp_s[w] > 0.f) v += warp_acc[w][d] * __expf(warp_m[w] - m_all);
     op[d] = from_float<T>(v / s_all);
   }
+
+  if (!accumulate_scores) return;
+  // Second pass: now that the softmax normaliser is known, add each key's
+  // probability to its slot's score (shared by the heads of the GQA group).
+  for (int64_t j = warp; j < visible; j += kWarps) {
+    const int64_t blk = block_table[r * table_width + j / block_size];
+    T* slot = cache + ((blk * num_kv_heads + kvh) * block_size + j % block_size) *
+                          slot_width;
+    const T* kp = slot + lane * kPerLane;
+    float logit = 0.f;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) logit += q[e] * to_float(kp[e]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) logit += __shfl_xor_sync(0xffffffff, logit, o);
+    if (lane == 0) atomicAdd(slot_score(slot, kHeadSize), __expf(logit - m_all) / s_all);
+  }
 }
 
 template <typename T>
-cudaError_t dispatch_attention(void* out, const void* query, const void* cache,
+cudaError_t dispatch_attention(void* out, const void* query, void* cache,
                                const int32_t* block_table, const int32_t* seq_lens,
                                const int32_t* qsl, int64_t num_tokens,
                                int64_t num_reqs, int64_t num_q_heads,
                                int64_t num_kv_heads, int64_t head_size,
-                               int64_t block_size, int64_t table_width,
-                               int64_t q_ts, int64_t q_hs, int64_t o_ts,
-                               int64_t o_hs, float scale, cudaStream_t stream) {
+                               int64_t block_size, int64_t slot_width,
+                               int64_t table_width, int64_t q_ts, int64_t q_hs,
+                               int64_t o_ts, int64_t o_hs, float scale,
+                               bool accumulate_scores, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   const dim3 grid(num_tokens, num_q_heads), block(kWarps * 32);
 #define KVR_LAUNCH(PER_LANE)                                                    \
   paged_attention_kernel<T, PER_LANE><<<grid, block, 0, stream>>>(              \
       static_cast<T*>(out), static_cast<const T*>(query),                       \
-      static_cast<const T*>(cache), block_table, seq_lens, qsl, num_reqs,       \
-      num_q_heads, num_kv_heads, block_size, table_width, q_ts, q_hs, o_ts,     \
-      o_hs, scale)
+      static_cast<T*>(cache), block_table, seq_lens, qsl, num_reqs,             \
+      num_q_heads, num_kv_heads, block_size, slot_width, table_width, q_ts,     \
+      q_hs, o_ts, o_hs, scale, accumulate_scores)
   switch (head_size) {
     case 32: KVR_LAUNCH(1); break;
     case 64: KVR_LAUNCH(2); break;
@@ -161,8 +194,9 @@ cudaError_t dispatch_attention(void* out, const void* query, const void* cache,
 
 cudaError_t launch_write_kv(DType dtype, void* kv_cache, const void* key,
                             const void* value, const int64_t* slot_mapping,
-                            int64_t num_tokens, int64_t num_kv_heads,
-                            int64_t head_size, int64_t block_size,
+                            const int64_t* positions, int64_t num_tokens,
+                            int64_t num_kv_heads, int64_t head_size,
+                            int64_t block_size, int64_t slot_width,
                             cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   const int threads = 256;
@@ -170,53 +204,54 @@ cudaError_t launch_write_kv(DType dtype, void* kv_cache, const void* key,
     case DType::kFloat32:
       write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
           static_cast<float*>(kv_cache), static_cast<const float*>(key),
-          static_cast<const float*>(value), slot_mapping, num_kv_heads, head_size,
-          block_size);
+          static_cast<const float*>(value), slot_mapping, positions, num_kv_heads,
+          head_size, block_size, slot_width);
       break;
     case DType::kFloat16:
       write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
           static_cast<__half*>(kv_cache), static_cast<const __half*>(key),
-          static_cast<const __half*>(value), slot_mapping, num_kv_heads, head_size,
-          block_size);
+          static_cast<const __half*>(value), slot_mapping, positions, num_kv_heads,
+          head_size, block_size, slot_width);
       break;
     case DType::kBFloat16:
       write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
           static_cast<__nv_bfloat16*>(kv_cache),
           static_cast<const __nv_bfloat16*>(key),
-          static_cast<const __nv_bfloat16*>(value), slot_mapping, num_kv_heads,
-          head_size, block_size);
+          static_cast<const __nv_bfloat16*>(value), slot_mapping, positions,
+          num_kv_heads, head_size, block_size, slot_width);
       break;
   }
   return cudaGetLastError();
 }
 
 cudaError_t launch_paged_attention(
-    DType dtype, void* out, const void* query, const void* kv_cache,
+    DType dtype, void* out, const void* query, void* kv_cache,
     const int32_t* block_table, const int32_t* seq_lens,
     const int32_t* query_start_loc, int64_t num_tokens, int64_t num_reqs,
     int64_t num_q_heads, int64_t num_kv_heads, int64_t head_size,
-    int64_t block_size, int64_t table_width, int64_t q_token_stride,
-    int64_t q_head_stride, int64_t out_token_stride, int64_t out_head_stride,
-    float scale, cudaStream_t stream) {
+    int64_t block_size, int64_t slot_width, int64_t table_width,
+    int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
+    int64_t out_head_stride, float scale, bool accumulate_scores,
+    cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
       return dispatch_attention<float>(
           out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
-          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, table_width,
-          q_token_stride, q_head_stride, out_token_stride, out_head_stride, scale,
-          stream);
+          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
+          table_width, q_token_stride, q_head_stride, out_token_stride,
+          out_head_stride, scale, accumulate_scores, stream);
     case DType::kFloat16:
       return dispatch_attention<__half>(
           out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
-          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, table_width,
-          q_token_stride, q_head_stride, out_token_stride, out_head_stride, scale,
-          stream);
+          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
+          table_width, q_token_stride, q_head_stride, out_token_stride,
+          out_head_stride, scale, accumulate_scores, stream);
     case DType::kBFloat16:
       return dispatch_attention<__nv_bfloat16>(
           out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
-          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, table_width,
-          q_token_stride, q_head_stride, out_token_stride, out_head_stride, scale,
-          stream);
+          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
+          table_width, q_token_stride, q_head_stride, out_token_stride,
+          out_head_stride, scale, accumulate_scores, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -14,25 +14,29 @@ namespace kvreviver::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// kv_cache [num_blocks, num_kv_heads, block_size, 2*head_size]; key/value
-// [num_tokens, num_kv_heads, head_size] contiguous; slots < 0 are skipped.
+// kv_cache [num_blocks, num_kv_heads, block_size, slot_width]: per slot K (D),
+// V (D), then int32 position and float32 score. key/value [num_tokens,
+// num_kv_heads, head_size] contiguous; slots < 0 are skipped.
 cudaError_t launch_write_kv(DType dtype, void* kv_cache, const void* key,
                             const void* value, const int64_t* slot_mapping,
-                            int64_t num_tokens, int64_t num_kv_heads,
-                            int64_t head_size, int64_t block_size,
+                            const int64_t* positions, int64_t num_tokens,
+                            int64_t num_kv_heads, int64_t head_size,
+                            int64_t block_size, int64_t slot_width,
                             cudaStream_t stream);
 
 // out/query [num_tokens, num_q_heads, head_size] with the given token and head
 // strides (elements); block_table [num_reqs, table_width] int32; seq_lens
 // [num_reqs] int32; query_start_loc [num_reqs + 1] int32. head_size must be a
-// multiple of 32 and at most 256.
+// multiple of 32 and at most 256. With accumulate_scores, each slot's score
+// grows by the attention probability it received (atomically).
 cudaError_t launch_paged_attention(
-    DType dtype, void* out, const void* query, const void* kv_cache,
+    DType dtype, void* out, const void* query, void* kv_cache,
     const int32_t* block_table, const int32_t* seq_lens,
     const int32_t* query_start_loc, int64_t num_tokens, int64_t num_reqs,
     int64_t num_q_heads, int64_t num_kv_heads, int64_t head_size,
-    int64_t block_size, int64_t table_width, int64_t q_token_stride,
-    int64_t q_head_stride, int64_t out_token_stride, int64_t out_head_stride,
-    float scale, cudaStream_t stream);
+    int64_t block_size, int64_t slot_width, int64_t table_width,
+    int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
+    int64_t out_head_stride, float scale, bool accumulate_scores,
+    cudaStream_t stream);
 
 }  // namespace kvreviver::cuda

@@ -4,9 +4,13 @@ Four pieces with vLLM's fixed roles: the backend class (static facts), the
 metadata dataclass, the metadata builder (scheduler state -> tensors, once per
 step) and the impl (the math, through ``kvreviver_vllm.ops``).
 
-The impl writes the KV cache itself (``forward_includes_kv_cache_update``), so
-the physical slots it uses are its own; with compression off they are vLLM's
-positional slots.
+The impl writes the KV cache itself (``forward_includes_kv_cache_update``) at
+physical slots the builder chooses: a request's exact tokens fill its slots
+``[0, occupancy)`` in position order and each step's new tokens are appended.
+When a request outgrows its budget (``kv_cache.py``), the builder schedules a
+compaction after the step and the impl keeps the sink, the recent window and the
+best-scored tokens, moved to the front of the request's slots. With compression
+off, physical slots equal vLLM's positional slots.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -29,12 +33,30 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvreviver_vllm import ops
+from kvreviver_vllm import ops, policy
+from kvreviver_vllm.config import KVReviverConfig
+from kvreviver_vllm.kv_cache import KVReviverSpec, kvreviver_spec
+from kvreviver_vllm.sketch import META_BYTES
 
 # Under the "vllm" logger so messages show in vLLM's own log output.
 logger = init_logger(f"vllm.{__name__}")
 
 BACKEND_NAME = "KVREVIVER"
+
+# The budget parameters of this process's engine. vLLM calls customize_spec
+# without its config in scope, so the impls (built with the config in scope,
+# before the KV spec is asked for) record them here.
+_SPEC_PARAMS: dict[str, float | int] | None = None
+
+
+def _remember_spec_params(vllm_config: VllmConfig, config: KVReviverConfig) -> None:
+    global _SPEC_PARAMS
+    _SPEC_PARAMS = dict(
+        budget=float(config.budget),
+        floor_tokens=config.sink + config.recent,
+        # At most this many tokens of one request arrive in a step.
+        staging_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+    )
 
 
 class KVReviverBackendBase(AttentionBackend):
@@ -67,6 +89,12 @@ class KVReviverBackendBase(AttentionBackend):
         # Each block holds [num_kv_heads, block_size, K|V] contiguously.
         return (KVCacheLayout.LBHNC,)
 
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> KVReviverSpec:
+        if _SPEC_PARAMS is None:
+            raise RuntimeError("KVReviver attention layers must be built before their KV spec")
+        return kvreviver_spec(spec, META_BYTES, **_SPEC_PARAMS)
+
     @staticmethod
     def get_impl_cls() -> type[KVReviverAttentionImpl]:
         return KVReviverAttentionImpl
@@ -79,15 +107,21 @@ class KVReviverBackendBase(AttentionBackend):
 @dataclass
 class KVReviverMetadata:
     num_actual_tokens: int
-    max_query_len: int
     query_start_loc: torch.Tensor
     """[num_reqs + 1] int32, on the host: per-request query row ranges."""
     seq_lens: torch.Tensor
-    """[num_reqs] int32, on the host: context tokens per request, new ones included."""
+    """[num_reqs] int32, on the host: physical slots each request attends over
+    (its occupancy before the step plus the step's new tokens)."""
     block_table: torch.Tensor
     """[num_reqs, max_blocks] int32: the request's physical blocks in order."""
     slot_mapping: torch.Tensor
-    """[num_actual_tokens] int64: where each new token's K/V is written."""
+    """[num_actual_tokens] int64: global slot each new token is written to."""
+    positions: torch.Tensor
+    """[num_actual_tokens] int64: logical (RoPE) position of each new token."""
+    accumulate_scores: bool
+    """Whether attention adds to the slots' importance scores this step."""
+    compactions: list[tuple[int, int]]
+    """(request row, slots to keep): requests to compact after attention."""
 
 
 class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
@@ -99,6 +133,15 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        assert isinstance(kv_cache_spec, KVReviverSpec), kv_cache_spec
+        self.spec = kv_cache_spec
+        config = KVReviverConfig.from_vllm_config(vllm_config)
+        self.accumulate_scores = config.variant != "streaming" and config.compresses(
+            vllm_config.model_config.max_model_len
+        )
+        # Physical occupancy after the last step, by the request's first block id
+        # (stable while the request runs; prefix caching is off when compressing).
+        self.occupancy: dict[int, int] = {}
 
     def build(
         self,
@@ -107,13 +150,62 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         fast_build: bool = False,
     ) -> KVReviverMetadata:
         cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[: num_reqs + 1]
+        q_lens = (qsl[1:] - qsl[:-1]).tolist()
+        logical_lens = cm.seq_lens[:num_reqs].cpu().tolist()
+        block_table = cm.block_table_tensor[:num_reqs]
+        first_blocks = block_table[:, 0].tolist()
+
+        prefilling = (
+            cm.is_prefilling[:num_reqs].tolist() if cm.is_prefilling is not None else [True] * num_reqs
+        )
+
+        before, compactions = [], []
+        for row, (q_len, logical, first) in enumerate(zip(q_lens, logical_lens, first_blocks)):
+            # A request with no computed tokens starts (or, after preemption,
+            # restarts) from an empty cache.
+            used = 0 if logical == q_len else self.occupancy[first]
+            after = used + q_len
+            if after > self.spec.held_tokens(logical):
+                raise RuntimeError(
+                    f"KVReviver request row {row} needs {after} slots but holds "
+                    f"{self.spec.held_tokens(logical)}"
+                )
+            # A decoding request gets one token per step until it finishes or is
+            # preempted (which restarts it empty); anything else may get a chunk.
+            decoding = q_len == 1 and not prefilling[row]
+            next_tokens = 1 if decoding else self.spec.staging_tokens
+            if after + next_tokens > self.spec.limit_tokens(logical):
+                keep = self.spec.budget_tokens(logical)
+                compactions.append((row, keep))
+                after = keep
+            before.append(used)
+            self.occupancy[first] = after
+
+        num_new = int(qsl[-1])
+        token_row = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(q_lens))
+        offset_in_step = torch.arange(num_new) - qsl[token_row].long()
+        physical = torch.tensor(before, dtype=torch.long)[token_row] + offset_in_step
+        block_size = self.spec.block_size
+        slot_mapping = torch.full((cm.num_actual_tokens,), -1, dtype=torch.long)
+        slot_mapping[:num_new] = (
+            block_table[token_row, physical // block_size].long().cpu() * block_size
+            + physical % block_size
+        )
+        positions = torch.zeros(cm.num_actual_tokens, dtype=torch.long)
+        first_new = torch.tensor(logical_lens, dtype=torch.long) - torch.tensor(q_lens)
+        positions[:num_new] = first_new[token_row] + offset_in_step
+        device = block_table.device
         return KVReviverMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            max_query_len=cm.max_query_len,
-            query_start_loc=cm.query_start_loc_cpu[: cm.num_reqs + 1],
-            seq_lens=cm.seq_lens[: cm.num_reqs].cpu(),
-            block_table=cm.block_table_tensor[: cm.num_reqs],
-            slot_mapping=cm.slot_mapping[: cm.num_actual_tokens],
+            query_start_loc=qsl,
+            seq_lens=torch.tensor(before, dtype=torch.int32) + torch.tensor(q_lens, dtype=torch.int32),
+            block_table=block_table,
+            slot_mapping=slot_mapping.to(device),
+            positions=positions.to(device),
+            accumulate_scores=self.accumulate_scores,
+            compactions=compactions,
         )
 
 
@@ -154,8 +246,12 @@ class KVReviverAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
+        vllm_config = get_current_vllm_config()
+        self.config = KVReviverConfig.from_vllm_config(vllm_config)
+        _remember_spec_params(vllm_config, self.config)
         # Read by tests (through collective_rpc) to prove this impl ran.
         self.num_forward_calls = 0
+        self.num_compactions = 0
         logger.info_once(
             "KVReviver attention impl in use (%s, %d query / %d KV heads, head size %d)",
             type(self).__qualname__, num_heads, num_kv_heads, head_size,
@@ -174,7 +270,7 @@ class KVReviverAttentionImpl(AttentionImpl):
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query ``[T, Hq, D]``, key/value ``[T, Hkv, D]``,
-        kv_cache ``[num_blocks, Hkv, block_size, 2 * D]``; writes ``output[:T]``."""
+        kv_cache ``[num_blocks, Hkv, block_size, slot width]``; writes ``output[:T]``."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError(
                 f"{BACKEND_NAME} does not support fused output quantization"
@@ -182,17 +278,28 @@ class KVReviverAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         self.num_forward_calls += 1
-        num_tokens = attn_metadata.num_actual_tokens
-        ops.write_kv(
-            kv_cache, key[:num_tokens], value[:num_tokens], attn_metadata.slot_mapping
-        )
+        md = attn_metadata
+        num_tokens = md.num_actual_tokens
+        ops.write_kv(kv_cache, key[:num_tokens], value[:num_tokens], md.slot_mapping, md.positions)
         ops.paged_attention(
             output[:num_tokens],
             query[:num_tokens],
             kv_cache,
-            attn_metadata.block_table,
-            attn_metadata.seq_lens,
-            attn_metadata.query_start_loc,
+            md.block_table,
+            md.seq_lens,
+            md.query_start_loc,
             self.scale,
+            md.accumulate_scores,
         )
+        for row, keep in md.compactions:
+            self._compact(kv_cache, md.block_table[row], int(md.seq_lens[row]), keep)
         return output
+
+    def _compact(self, kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: int, keep: int) -> None:
+        scores = ops.request_scores(kv_cache, block_row, num_slots)
+        kept = policy.select_kept(
+            scores, keep, self.config.sink, self.config.recent,
+            by_score=self.config.variant != "streaming",
+        )
+        ops.compact(kv_cache, block_row, kept)
+        self.num_compactions += 1

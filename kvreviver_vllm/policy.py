@@ -1,0 +1,52 @@
+"""Which exact slots a compaction keeps, per KV head.
+
+Exact slots stay in position order through every compaction, so the first
+``sink`` slots are the request's first tokens and the last ``recent`` slots its
+newest ones; neither is ever dropped. The rest compete on importance: the
+attention each slot received since the last compaction (from all query rows of
+those steps and the query heads of its GQA group), max-pooled over neighbouring
+slots so a token's neighbours survive with it (SnapKV's observation-window
+scoring, with the window being the steps since the last compaction).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+POOL_KERNEL = 7
+
+
+def pooled_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Max-pool ``[H, L]`` scores over ``POOL_KERNEL`` neighbouring slots."""
+    return F.max_pool1d(scores[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[:, 0]
+
+
+def select_kept(
+    scores: torch.Tensor, keep: int, sink: int, recent: int, by_score: bool
+) -> torch.Tensor:
+    """Ascending slot indices ``[H, keep]`` of the slots each head keeps out of
+    ``L = scores.shape[1]``: the sink, the recent window, and the best-scored
+    (``by_score``) or the newest (streaming) of the slots in between."""
+    num_heads, num_slots = scores.shape
+    if keep >= num_slots:
+        return torch.arange(num_slots, device=scores.device).expand(num_heads, -1)
+    num_sink = min(sink, keep)
+    num_recent = min(recent, keep - num_sink)
+    num_middle = keep - num_sink - num_recent
+    middle_end = num_slots - num_recent
+    arange = torch.arange(num_slots, device=scores.device)
+    if by_score:
+        middle = pooled_scores(scores.float())[:, num_sink:middle_end]
+        chosen = middle.topk(num_middle, dim=1).indices + num_sink
+    else:
+        chosen = arange[middle_end - num_middle : middle_end].expand(num_heads, -1)
+    kept = torch.cat(
+        [
+            arange[:num_sink].expand(num_heads, -1),
+            chosen,
+            arange[middle_end:].expand(num_heads, -1),
+        ],
+        dim=1,
+    )
+    return kept.sort(dim=1).values

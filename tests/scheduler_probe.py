@@ -1,0 +1,79 @@
+"""Run one engine scenario with the engine core in this process and report what
+the scheduler saw, as JSON on the last line of stdout.
+
+Run as a subprocess (``python tests/scheduler_probe.py '<json scenario>'``): the
+in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0) must not leak into
+other tests. Scenario keys: model, backend (null = stock), dtype, prompt_lens,
+max_tokens, engine (extra LLM kwargs), abort_at ({request id: step}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def run(scenario: dict) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from prompts import make_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(scenario["model"])
+    kwargs = dict(model=scenario["model"], dtype=scenario.get("dtype", "bfloat16"),
+                  enforce_eager=True, seed=0, **scenario.get("engine", {}))
+    if scenario.get("backend"):
+        kwargs["attention_backend"] = scenario["backend"]
+    llm = LLM(**kwargs)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    pool = scheduler.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+
+    params = SamplingParams(temperature=0.0, max_tokens=scenario["max_tokens"], ignore_eos=True)
+    for i, n in enumerate(scenario["prompt_lens"]):
+        prompt = TokensPrompt(prompt_token_ids=make_prompt(tokenizer, n, seed=100 + i))
+        engine.add_request(str(i), prompt, params)
+
+    abort_at = {rid: step for rid, step in scenario.get("abort_at", {}).items()}
+    peak_running, peak_blocks, preemptions, steps = 0, {}, {}, 0
+    outputs: dict[str, dict] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = {
+                    "token_ids": list(out.outputs[0].token_ids),
+                    "finish_reason": out.outputs[0].finish_reason,
+                }
+        steps += 1
+        peak_running = max(peak_running, len(scheduler.running))
+        for rid, blocks in manager.req_to_blocks.items():
+            peak_blocks[rid] = max(peak_blocks.get(rid, 0), len(blocks))
+        for rid, req in scheduler.requests.items():
+            preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
+        to_abort = [rid for rid, step in abort_at.items() if step == steps]
+        if to_abort:
+            engine.abort_request(to_abort)
+    result = {
+        "num_blocks": pool.num_gpu_blocks - 1,  # block 0 is vLLM's null block
+        "block_size": manager.block_size,
+        "free_at_start": free_at_start,
+        "free_at_end": pool.get_num_free_blocks(),
+        "peak_running": peak_running,
+        "peak_blocks": peak_blocks,
+        "preemptions": sum(preemptions.values()),
+        "outputs": outputs,
+        "steps": steps,
+    }
+    engine.engine_core.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.argv[1]))))
