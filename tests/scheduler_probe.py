@@ -15,6 +15,11 @@ import sys
 from pathlib import Path
 
 
+def external_id(request_id: str) -> str:
+    """The id we passed to add_request: vLLM appends '-<random suffix>' internally."""
+    return request_id.rsplit("-", 1)[0]
+
+
 def run(scenario: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from transformers import AutoTokenizer
@@ -47,15 +52,17 @@ def run(scenario: dict) -> dict:
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                outputs[out.request_id] = {
+                outputs[external_id(out.request_id)] = {
                     "token_ids": list(out.outputs[0].token_ids),
                     "finish_reason": out.outputs[0].finish_reason,
                 }
         steps += 1
         peak_running = max(peak_running, len(scheduler.running))
         for rid, blocks in manager.req_to_blocks.items():
+            rid = external_id(rid)
             peak_blocks[rid] = max(peak_blocks.get(rid, 0), len(blocks))
         for rid, req in scheduler.requests.items():
+            rid = external_id(rid)
             preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
         to_abort = [rid for rid, step in abort_at.items() if step == steps]
         if to_abort:

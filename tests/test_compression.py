@@ -25,18 +25,23 @@ STOCK_BLOCK_BYTES = 30 * 3 * BLOCK_SIZE * 128 * 2
 
 
 def probe(model_dir: str, backend: str | None, prompt_lens: list[int], max_tokens: int,
-          pool_blocks: int, budget: float = 1.0, variant: str = "evict", **extra) -> dict:
+          pool_blocks: int, budget: float = 1.0, variant: str = "evict",
+          max_model_len: int = 2560, dtype: str = "bfloat16", over_admit: bool = False,
+          **extra) -> dict:
     engine = dict(
-        max_model_len=2560,
+        max_model_len=max_model_len,
         block_size=BLOCK_SIZE,
         max_num_batched_tokens=STAGING,
         enable_prefix_caching=False,
-        kv_cache_memory_bytes=pool_blocks * STOCK_BLOCK_BYTES,
+        kv_cache_memory_bytes=pool_blocks * STOCK_BLOCK_BYTES * (2 if dtype == "float32" else 1),
+        # vLLM admits a request only when its whole prompt fits; over-admitting
+        # (first chunk only) makes running requests outgrow the pool and be preempted.
+        scheduler_reserve_full_isl=not over_admit,
     )
     if backend:
         engine["additional_config"] = {"kvreviver": {"budget": budget, "variant": variant}}
     scenario = dict(model=model_dir, backend=backend, prompt_lens=prompt_lens,
-                    max_tokens=max_tokens, engine=engine, **extra)
+                    max_tokens=max_tokens, engine=engine, dtype=dtype, **extra)
     res = subprocess.run([sys.executable, str(PROBE), json.dumps(scenario)],
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -72,3 +77,33 @@ def test_budget_caps_blocks_and_multiplies_concurrency(model_dir, capsys):
             f"(cap {cap})"
         )
     assert ours["peak_running"] >= 5 * stock["peak_running"]
+
+
+@pytest.mark.parametrize("variant", ["evict", "streaming"])
+def test_preemption_abort_and_mixed_lengths_return_every_block(model_dir, variant):
+    prompts, new = [600, 1200, 1800, 2400, 900, 1500], 64
+    # 13 usable blocks: a request admitted beside a running one (4 blocks for its
+    # first chunk) grows past what is free.
+    run = probe(model_dir, "kvreviver", prompts, new, pool_blocks=15, budget=0.1,
+                variant=variant, abort_at={"1": 20}, over_admit=True)
+    assert run["preemptions"] > 0
+    assert run["free_at_end"] == run["free_at_start"]
+    assert run["outputs"].get("1", {}).get("finish_reason", "abort") == "abort"
+    for rid, n in enumerate(prompts):
+        if rid != 1:
+            out = run["outputs"][str(rid)]
+            assert len(out["token_ids"]) == new and out["finish_reason"] == "length"
+        assert run["peak_blocks"][str(rid)] <= cap_blocks(n + new, 0.1)
+
+
+def test_preempted_requests_resume_exactly(model_dir):
+    """Budget 1.0 (no compression) under preemption: the same tokens as stock vLLM
+    serving the same requests without memory pressure."""
+    prompts, new = [300, 700, 1100], 48
+    common = dict(max_model_len=1200, dtype="float32")
+    stock = probe(model_dir, None, prompts, new, pool_blocks=200, **common)
+    ours = probe(model_dir, "kvreviver", prompts, new, pool_blocks=45, over_admit=True, **common)
+    assert stock["preemptions"] == 0 and ours["preemptions"] > 0
+    assert ours["free_at_end"] == ours["free_at_start"]
+    for rid in map(str, range(len(prompts))):
+        assert ours["outputs"][rid]["token_ids"] == stock["outputs"][rid]["token_ids"], rid
