@@ -51,6 +51,9 @@ def _dispatch(name: str) -> Callable:
 
 write_kv = _dispatch("write_kv")
 paged_attention = _dispatch("paged_attention")
-# Run once per request every few hundred tokens; no compiled kernel yet.
+# No compiled kernels yet for these: compaction runs once per request every few
+# hundred tokens; revival (attention over a vague store) is reference-only for now.
 compact = sketch.compact
+compact_into_store = sketch.compact_into_store
+paged_attention_revived = sketch.paged_attention_revived
 request_scores = sketch.request_scores

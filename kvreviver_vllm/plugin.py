@@ -54,7 +54,7 @@ def is_kvreviver_selected(vllm_config) -> bool:
 
 
 # Variants whose vague store is not built yet (they are refused, never faked).
-UNAVAILABLE_VARIANTS = ("quantized", "sketch")
+UNAVAILABLE_VARIANTS = ("sketch",)
 
 
 def validate_engine_config(vllm_config) -> None:
@@ -66,7 +66,7 @@ def validate_engine_config(vllm_config) -> None:
         if config.variant in UNAVAILABLE_VARIANTS:
             raise KVReviverConfigError(
                 f"kvreviver.variant={config.variant!r} is not available yet: with "
-                "budget < 1 use variant 'evict' or 'streaming'"
+                "budget < 1 use variant 'quantized', 'evict' or 'streaming'"
             )
         conflicts = {
             "prefix caching (add --no-enable-prefix-caching)":

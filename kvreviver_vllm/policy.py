@@ -50,3 +50,27 @@ def select_kept(
         dim=1,
     )
     return kept.sort(dim=1).values
+
+
+def split_budget(
+    budget_slots: int, exact: int, vague: int, protected: int, tokens_per_slot: int
+) -> tuple[int, int]:
+    """``(exact kept, vague kept)`` for a compaction to ``budget_slots`` slots.
+
+    ``exact`` tokens are now exact and ``vague`` are in the store; ``protected``
+    (sink + recent) stay exact. Without a store (``tokens_per_slot == 0``) the
+    budget is all exact. With one, every token stays (exact or vague) if it can,
+    with as many exact as fit; otherwise only sink + recent stay exact and the
+    store keeps what fits, the rest being evicted.
+    """
+    if tokens_per_slot == 0:
+        return min(budget_slots, exact), 0
+    total = exact + vague
+    protected = min(protected, exact)
+    if total <= budget_slots:
+        return exact, vague
+    # Largest number of exact tokens whose remainder fits in the store.
+    for keep_exact in range(min(exact, budget_slots), protected - 1, -1):
+        if keep_exact + -(-(total - keep_exact) // tokens_per_slot) <= budget_slots:
+            return keep_exact, total - keep_exact
+    return protected, max(0, budget_slots - protected) * tokens_per_slot

@@ -155,3 +155,149 @@ def request_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: i
         block_row, torch.arange(num_slots, device=kv_cache.device), kv_cache.shape[2]
     )
     return score[blocks, :, offsets].transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------
+# Revival: attention over exact slots plus the vague store, and compaction
+# into it. A request's slots are laid out as
+#     [0, exact_start)          vague-store pages (records, see stores/quantized.py)
+#     [exact_start, seq_len)    exact slots in position order, this step's last
+# ---------------------------------------------------------------------------
+
+
+def slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Whole slots ``[Hkv, end - start, W]`` of one request's slots ``[start, end)``."""
+    blocks, offsets = physical_slots(
+        block_row, torch.arange(start, end, device=kv_cache.device), kv_cache.shape[2]
+    )
+    return kv_cache[blocks, :, offsets].transpose(0, 1)
+
+
+def write_slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int,
+                     slots: torch.Tensor) -> None:
+    """Write ``slots [Hkv, n, W]`` (cache dtype) to one request's slots ``[start, start + n)``."""
+    blocks, offsets = physical_slots(
+        block_row, torch.arange(start, start + slots.shape[1], device=kv_cache.device),
+        kv_cache.shape[2],
+    )
+    kv_cache[blocks, :, offsets] = slots.transpose(0, 1)
+
+
+def vague_records(kv_cache: torch.Tensor, block_row: torch.Tensor, store, exact_start: int,
+                  num_vague: int) -> torch.Tensor:
+    """The store's records ``uint8 [Hkv, num_vague, record_bytes]`` of one request."""
+    pages = slot_range(kv_cache, block_row, 0, exact_start).contiguous().view(torch.uint8)
+    return torch.stack([store.from_pages(p, num_vague) for p in pages])
+
+
+def write_vague_records(kv_cache: torch.Tensor, block_row: torch.Tensor, store,
+                        records: torch.Tensor) -> None:
+    """Pack ``records [Hkv, N, record_bytes]`` into one request's slots ``[0, slots_for(N))``."""
+    pages = torch.stack([store.to_pages(r) for r in records])  # [Hkv, P, slot_bytes]
+    write_slot_range(kv_cache, block_row, 0, pages.view(kv_cache.dtype))
+
+
+def paged_attention_revived(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    exact_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    vague_tokens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    accumulate_scores: bool,
+    store,
+) -> None:
+    """One softmax per query over the request's revived vague tokens (dequantized
+    from its store; all older than every query of the step) and its exact slots
+    ``[exact_start, seq_len)`` (causal as in :func:`paged_attention`). With
+    ``accumulate_scores`` both exact slots and vague records gain the attention
+    they received."""
+    num_kv_heads = kv_cache.shape[1]
+    group = query.shape[1] // num_kv_heads
+    _, score = slot_meta(kv_cache)
+    starts = query_start_loc.tolist()
+    for r, (p, end, nv) in enumerate(zip(exact_start.tolist(), seq_lens.tolist(), vague_tokens.tolist())):
+        q0, q1 = starts[r], starts[r + 1]
+        n = q1 - q0
+        if n == 0:
+            continue
+        head_size = head_size_of(kv_cache)
+        exact = slot_range(kv_cache, block_table[r], p, end)
+        keys, values = exact[..., :head_size].float(), exact[..., head_size : 2 * head_size].float()
+        records = vague_records(kv_cache, block_table[r], store, p, nv) if nv else None
+        if records is not None:
+            decoded = [store.decode(rec) for rec in records]
+            keys = torch.cat([torch.stack([d[0] for d in decoded]), keys], dim=1)
+            values = torch.cat([torch.stack([d[1] for d in decoded]), values], dim=1)
+        keys = keys.repeat_interleave(group, 0)
+        values = values.repeat_interleave(group, 0)
+        q = query[q0:q1].transpose(0, 1).float()
+        logits = (q @ keys.transpose(1, 2)) * scale  # [Hq, n, nv + exact]
+        num_exact = end - p
+        rows = torch.arange(n, device=q.device)[:, None]
+        cols = torch.arange(nv + num_exact, device=q.device)[None, :] - nv  # vague < 0
+        logits = logits.masked_fill(cols > rows + (num_exact - n), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[q0:q1] = (probs @ values).transpose(0, 1).to(out.dtype)
+        if not accumulate_scores:
+            continue
+        received = probs.sum(dim=1).view(num_kv_heads, group, -1).sum(dim=1)
+        blocks, offsets = physical_slots(
+            block_table[r], torch.arange(p, end, device=q.device), kv_cache.shape[2]
+        )
+        score[blocks, :, offsets] += received[:, nv:].transpose(0, 1)
+        if records is not None:
+            updated = torch.stack([
+                store.with_scores(rec, d[3] + got)
+                for rec, d, got in zip(records, decoded, received[:, :nv])
+            ])
+            write_vague_records(kv_cache, block_table[r], store, updated)
+
+
+def compact_into_store(
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    exact_start: int,
+    seq_len: int,
+    num_vague: int,
+    kept_exact: torch.Tensor,
+    keep_vague: int,
+    store,
+) -> None:
+    """Per KV head: keep exact slots ``kept_exact[h]`` (indices into the exact
+    range, ascending), demote the other exact tokens into the store, keep the
+    ``keep_vague`` best-scored records (old and new; the rest are evicted), then
+    lay the request out again: pages at ``[0, slots_for(keep_vague))``, kept
+    exact slots right after, every score reset to 0."""
+    head_size = head_size_of(kv_cache)
+    exact = slot_range(kv_cache, block_row, exact_start, seq_len)  # copies
+    old = vague_records(kv_cache, block_row, store, exact_start, num_vague) if num_vague else None
+    meta = exact[..., 2 * head_size :].contiguous().view(torch.int32)
+    positions, scores = meta[..., 0], meta[..., 1].view(torch.float32)
+    new_pages, new_exact = [], []
+    for h in range(kv_cache.shape[1]):
+        demoted = torch.ones(exact.shape[1], dtype=torch.bool)
+        demoted[kept_exact[h]] = False
+        records = store.encode(
+            exact[h, demoted, :head_size], exact[h, demoted, head_size : 2 * head_size],
+            positions[h, demoted], scores[h, demoted],
+        )
+        if old is not None:
+            records = torch.cat([old[h], records])
+        _, _, rec_pos, rec_scores = store.decode(records)
+        best = rec_scores.topk(keep_vague).indices
+        best = best[rec_pos[best].argsort()]  # store order: by position
+        new_pages.append(store.with_scores(records[best], torch.zeros(keep_vague)))
+        new_exact.append(exact[h, kept_exact[h]])
+    write_vague_records(kv_cache, block_row, store, torch.stack(new_pages))
+    kept = torch.stack(new_exact)
+    write_slot_range(kv_cache, block_row, store.slots_for(keep_vague), kept)
+    _, score = slot_meta(kv_cache)
+    blocks, offsets = physical_slots(
+        block_row, torch.arange(store.slots_for(keep_vague), store.slots_for(keep_vague) + kept.shape[1]),
+        kv_cache.shape[2],
+    )
+    score[blocks, :, offsets] = 0.0

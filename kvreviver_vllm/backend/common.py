@@ -37,6 +37,7 @@ from kvreviver_vllm import ops, policy
 from kvreviver_vllm.config import KVReviverConfig
 from kvreviver_vllm.kv_cache import KVReviverSpec, kvreviver_spec
 from kvreviver_vllm.sketch import META_BYTES
+from kvreviver_vllm.stores import QuantizedStore
 
 # Under the "vllm" logger so messages show in vLLM's own log output.
 logger = init_logger(f"vllm.{__name__}")
@@ -47,6 +48,13 @@ BACKEND_NAME = "KVREVIVER"
 # without its config in scope, so the impls (built with the config in scope,
 # before the KV spec is asked for) record them here.
 _SPEC_PARAMS: dict[str, float | int] | None = None
+
+
+def vague_store(config: KVReviverConfig, spec: AttentionSpec) -> QuantizedStore | None:
+    """The variant's vague store for slots of this spec, or None (evict, streaming)."""
+    if config.variant != "quantized":
+        return None
+    return QuantizedStore(spec.head_size, config.bits, spec.state_content_size_bytes)
 
 
 def _remember_spec_params(vllm_config: VllmConfig, config: KVReviverConfig) -> None:
@@ -109,9 +117,12 @@ class KVReviverMetadata:
     num_actual_tokens: int
     query_start_loc: torch.Tensor
     """[num_reqs + 1] int32, on the host: per-request query row ranges."""
+    exact_start: torch.Tensor
+    """[num_reqs] int32, on the host: first exact slot (vague-store pages come before)."""
     seq_lens: torch.Tensor
-    """[num_reqs] int32, on the host: physical slots each request attends over
-    (its occupancy before the step plus the step's new tokens)."""
+    """[num_reqs] int32, on the host: end of the exact slots, this step's tokens included."""
+    vague_tokens: torch.Tensor
+    """[num_reqs] int32, on the host: tokens held in each request's vague store."""
     block_table: torch.Tensor
     """[num_reqs, max_blocks] int32: the request's physical blocks in order."""
     slot_mapping: torch.Tensor
@@ -120,8 +131,8 @@ class KVReviverMetadata:
     """[num_actual_tokens] int64: logical (RoPE) position of each new token."""
     accumulate_scores: bool
     """Whether attention adds to the slots' importance scores this step."""
-    compactions: list[tuple[int, int]]
-    """(request row, slots to keep): requests to compact after attention."""
+    compactions: list[tuple[int, int, int]]
+    """(request row, exact tokens kept, vague tokens kept): compactions after attention."""
 
 
 class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
@@ -139,9 +150,12 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         self.accumulate_scores = config.variant != "streaming" and config.compresses(
             vllm_config.model_config.max_model_len
         )
-        # Physical occupancy after the last step, by the request's first block id
-        # (stable while the request runs; prefix caching is off when compressing).
-        self.occupancy: dict[int, int] = {}
+        self.protected = config.sink + config.recent
+        self.store = vague_store(config, kv_cache_spec)
+        self.tokens_per_slot = self.store.tokens_per_slot if self.store else 0
+        # (vague tokens, exact tokens) after the last step, by the request's first
+        # block id (stable while it runs; prefix caching is off when compressing).
+        self.state: dict[int, tuple[int, int]] = {}
 
     def build(
         self,
@@ -161,27 +175,33 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             cm.is_prefilling[:num_reqs].tolist() if cm.is_prefilling is not None else [True] * num_reqs
         )
 
-        before, compactions = [], []
+        exact_start, before, vague, compactions = [], [], [], []
         for row, (q_len, logical, first) in enumerate(zip(q_lens, logical_lens, first_blocks)):
             # A request with no computed tokens starts (or, after preemption,
             # restarts) from an empty cache.
-            used = 0 if logical == q_len else self.occupancy[first]
-            after = used + q_len
-            if after > self.spec.held_tokens(logical):
+            num_vague, num_exact = (0, 0) if logical == q_len else self.state[first]
+            pages = self.store.slots_for(num_vague) if num_vague else 0
+            used = pages + num_exact + q_len
+            if used > self.spec.held_tokens(logical):
                 raise RuntimeError(
-                    f"KVReviver request row {row} needs {after} slots but holds "
+                    f"KVReviver request row {row} needs {used} slots but holds "
                     f"{self.spec.held_tokens(logical)}"
                 )
+            exact_start.append(pages)
+            before.append(pages + num_exact)
+            vague.append(num_vague)
+            num_exact += q_len
             # A decoding request gets one token per step until it finishes or is
             # preempted (which restarts it empty); anything else may get a chunk.
             decoding = q_len == 1 and not prefilling[row]
             next_tokens = 1 if decoding else self.spec.staging_tokens
-            if after + next_tokens > self.spec.limit_tokens(logical):
-                keep = self.spec.budget_tokens(logical)
-                compactions.append((row, keep))
-                after = keep
-            before.append(used)
-            self.occupancy[first] = after
+            if used + next_tokens > self.spec.limit_tokens(logical):
+                num_exact, num_vague = policy.split_budget(
+                    self.spec.budget_tokens(logical), num_exact, num_vague,
+                    self.protected, self.tokens_per_slot,
+                )
+                compactions.append((row, num_exact, num_vague))
+            self.state[first] = (num_vague, num_exact)
 
         num_new = int(qsl[-1])
         token_row = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(q_lens))
@@ -200,7 +220,9 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         return KVReviverMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=qsl,
+            exact_start=torch.tensor(exact_start, dtype=torch.int32),
             seq_lens=torch.tensor(before, dtype=torch.int32) + torch.tensor(q_lens, dtype=torch.int32),
+            vague_tokens=torch.tensor(vague, dtype=torch.int32),
             block_table=block_table,
             slot_mapping=slot_mapping.to(device),
             positions=positions.to(device),
@@ -249,6 +271,7 @@ class KVReviverAttentionImpl(AttentionImpl):
         vllm_config = get_current_vllm_config()
         self.config = KVReviverConfig.from_vllm_config(vllm_config)
         _remember_spec_params(vllm_config, self.config)
+        self.store: QuantizedStore | None = None  # set on first forward, from the cache's slot size
         # Read by tests (through collective_rpc) to prove this impl ran.
         self.num_forward_calls = 0
         self.num_compactions = 0
@@ -281,25 +304,47 @@ class KVReviverAttentionImpl(AttentionImpl):
         md = attn_metadata
         num_tokens = md.num_actual_tokens
         ops.write_kv(kv_cache, key[:num_tokens], value[:num_tokens], md.slot_mapping, md.positions)
-        ops.paged_attention(
-            output[:num_tokens],
-            query[:num_tokens],
-            kv_cache,
-            md.block_table,
-            md.seq_lens,
-            md.query_start_loc,
-            self.scale,
-            md.accumulate_scores,
-        )
-        for row, keep in md.compactions:
-            self._compact(kv_cache, md.block_table[row], int(md.seq_lens[row]), keep)
+        if md.vague_tokens.any():
+            ops.paged_attention_revived(
+                output[:num_tokens], query[:num_tokens], kv_cache, md.block_table,
+                md.exact_start, md.seq_lens, md.vague_tokens, md.query_start_loc,
+                self.scale, md.accumulate_scores, self._store(kv_cache),
+            )
+        else:
+            ops.paged_attention(
+                output[:num_tokens],
+                query[:num_tokens],
+                kv_cache,
+                md.block_table,
+                md.seq_lens,
+                md.query_start_loc,
+                self.scale,
+                md.accumulate_scores,
+            )
+        for row, keep_exact, keep_vague in md.compactions:
+            self._compact(kv_cache, md, row, keep_exact, keep_vague)
         return output
 
-    def _compact(self, kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: int, keep: int) -> None:
-        scores = ops.request_scores(kv_cache, block_row, num_slots)
+    def _store(self, kv_cache: torch.Tensor) -> QuantizedStore:
+        if self.store is None:
+            slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
+            self.store = QuantizedStore(self.head_size, self.config.bits, slot_bytes)
+        return self.store
+
+    def _compact(self, kv_cache: torch.Tensor, md: KVReviverMetadata, row: int,
+                 keep_exact: int, keep_vague: int) -> None:
+        block_row = md.block_table[row]
+        start, end = int(md.exact_start[row]), int(md.seq_lens[row])
+        scores = ops.request_scores(kv_cache, block_row, end)[:, start:]
         kept = policy.select_kept(
-            scores, keep, self.config.sink, self.config.recent,
+            scores, keep_exact, self.config.sink, self.config.recent,
             by_score=self.config.variant != "streaming",
         )
-        ops.compact(kv_cache, block_row, kept)
+        if self.config.variant == "quantized":
+            ops.compact_into_store(
+                kv_cache, block_row, start, end, int(md.vague_tokens[row]), kept, keep_vague,
+                self._store(kv_cache),
+            )
+        else:
+            ops.compact(kv_cache, block_row, kept)
         self.num_compactions += 1

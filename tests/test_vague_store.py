@@ -1,0 +1,165 @@
+"""The quantized vague store: records, pages, budget split, revival inside
+attention and compaction into the store (PyTorch reference path)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvreviver_vllm import policy, sketch
+from kvreviver_vllm.stores import QuantizedStore
+from test_reference_ops import build_cache, request_meta
+
+SLOT_BYTES = sketch.slot_width(64, torch.bfloat16) * 2  # 264
+
+
+def reference_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Per-token asymmetric min/max quantization, float16 scale and min, dequantized."""
+    g = x.float().view(x.shape[0], -1, group)
+    lo = g.amin(2, keepdim=True).half().float()
+    scale = ((g.amax(2, keepdim=True) - lo) / (2**bits - 1)).half().float()
+    codes = ((g - lo) / scale.clamp(min=1e-8)).round().clamp(0, 2**bits - 1)
+    return (codes * scale + lo).view_as(x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), head_size=st.sampled_from([64, 128]),
+       n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_records_round_trip(bits, head_size, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    store = QuantizedStore(head_size, bits, sketch.slot_width(head_size, torch.bfloat16) * 2)
+    keys = torch.randn(n, head_size, generator=gen)
+    values = 3 * torch.randn(n, head_size, generator=gen)
+    positions, scores = torch.randint(0, 8192, (n,), generator=gen), torch.rand(n, generator=gen)
+    records = store.encode(keys, values, positions, scores)
+    assert records.shape == (n, store.record_bytes)
+    k, v, p, s = store.decode(records)
+    torch.testing.assert_close(k, reference_quantize(keys, bits, 32), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(v, reference_quantize(values, bits, 32), atol=1e-3, rtol=1e-3)
+    assert torch.equal(p, positions.int()) and torch.equal(s, scores)
+    pages = store.to_pages(records)
+    assert pages.shape == (math.ceil(n / store.tokens_per_slot), store.slot_bytes)
+    assert torch.equal(store.from_pages(pages, n), records)
+
+
+def test_record_sizes_count_every_byte():
+    # D=64: K and V codes, fp16 scale+min per 32-channel group, position, score.
+    assert QuantizedStore(64, 4, SLOT_BYTES).record_bytes == 32 + 32 + 16 + 8
+    assert [QuantizedStore(64, b, SLOT_BYTES).tokens_per_slot for b in (2, 3, 4, 8)] == [4, 3, 3, 1]
+
+
+def test_split_budget():
+    # Everything fits: nothing changes.
+    assert policy.split_budget(100, 80, 10, 68, 3) == (80, 10)
+    # Nothing evicted: as many exact tokens as the store leaves room for.
+    exact, vague = policy.split_budget(1024, 2048, 0, 68, 3)
+    assert exact + vague == 2048
+    assert exact + math.ceil(vague / 3) <= 1024 < exact + 1 + math.ceil((vague - 1) / 3)
+    # Store full: sink + recent stay exact, the store is filled, the rest evicted.
+    assert policy.split_budget(205, 2048, 0, 68, 3) == (68, 411)
+    # Old vague tokens count too.
+    assert policy.split_budget(205, 100, 500, 68, 3) == (68, 411)
+    # No store (evict, streaming): the budget is all exact.
+    assert policy.split_budget(205, 2048, 0, 68, 0) == (205, 0)
+
+
+def _layout_request(store, gen, num_vague, num_exact, num_kv_heads=3, head_size=64):
+    """One request laid out as [vague pages | exact slots] in a shuffled bf16 cache.
+    Returns the cache, its block row and the dequantized vague K/V per head."""
+    pages = store.slots_for(num_vague)
+    cache, table, keys, values = build_cache(
+        [pages + num_exact], num_kv_heads, head_size, 16, torch.bfloat16, gen
+    )
+    vk = torch.randn(num_kv_heads, num_vague, head_size, generator=gen)
+    vv = torch.randn(num_kv_heads, num_vague, head_size, generator=gen)
+    records = torch.stack([
+        store.encode(vk[h], vv[h], torch.arange(num_vague), torch.zeros(num_vague))
+        for h in range(num_kv_heads)
+    ])
+    sketch.write_vague_records(cache, table[0], store, records)
+    revived = [store.decode(r) for r in records]
+    vague_k = torch.stack([r[0] for r in revived])
+    vague_v = torch.stack([r[1] for r in revived])
+    return cache, table, keys[0][pages:], values[0][pages:], vague_k, vague_v, pages
+
+
+def test_revival_is_one_softmax_over_vague_and_exact_tokens():
+    gen = torch.Generator().manual_seed(0)
+    store = QuantizedStore(64, 4, SLOT_BYTES)
+    num_vague, num_exact, num_queries = 50, 40, 3
+    cache, table, ek, ev, vk, vv, pages = _layout_request(store, gen, num_vague, num_exact)
+    query = torch.randn(num_queries, 9, 64, generator=gen).to(torch.bfloat16)
+    out = torch.empty_like(query)
+    sketch.paged_attention_revived(
+        out, query, cache, table, torch.tensor([pages]), torch.tensor([pages + num_exact]),
+        torch.tensor([num_vague]), torch.tensor([0, num_queries]), 0.125, True, store,
+    )
+    # Reference: float64 over [vague (all visible) | exact (causal)] per query head.
+    keys = torch.cat([vk, ek.transpose(0, 1).float()], 1).double()
+    values = torch.cat([vv, ev.transpose(0, 1).float()], 1).double()
+    received = torch.zeros(3, num_vague + num_exact, dtype=torch.float64)
+    for i in range(num_queries):
+        visible = num_vague + num_exact - num_queries + i + 1
+        for h in range(9):
+            probs = torch.softmax(keys[h // 3, :visible] @ query[i, h].double() * 0.125, 0)
+            want = probs @ values[h // 3, :visible]
+            torch.testing.assert_close(out[i, h].double(), want, atol=2e-2, rtol=2e-2)
+            received[h // 3, :visible] += probs
+    # Scores: exact slots and vague records both gained the attention they got.
+    _, exact_scores = request_meta(cache, table[0], pages + num_exact)
+    torch.testing.assert_close(exact_scores[:, pages:].double(), received[:, num_vague:], atol=1e-4, rtol=1e-4)
+    records = sketch.vague_records(cache, table[0], store, pages, num_vague)
+    vague_scores = torch.stack([store.decode(r)[3] for r in records])
+    torch.testing.assert_close(vague_scores.double(), received[:, :num_vague], atol=1e-4, rtol=1e-4)
+
+
+def test_compaction_demotes_exactly_the_dropped_tokens():
+    gen = torch.Generator().manual_seed(1)
+    store = QuantizedStore(64, 4, SLOT_BYTES)
+    num_vague, num_exact = 6, 30
+    cache, table, ek, ev, _, _, pages = _layout_request(store, gen, num_vague, num_exact)
+    # Exact tokens sit at positions 100.. so they sort after the old vague ones.
+    positions, scores = sketch.slot_meta(cache)
+    blocks, offsets = sketch.physical_slots(table[0], torch.arange(pages, pages + num_exact), 16)
+    positions[blocks, :, offsets] = (100 + torch.arange(num_exact, dtype=torch.int32))[:, None]
+    scores[blocks, :, offsets] = torch.rand(num_exact, 3, generator=gen)
+    kept = torch.stack([torch.sort(torch.randperm(num_exact, generator=gen)[:10]).values for _ in range(3)])
+    # Keep every record (6 old + 20 demoted): a pure demotion, no eviction.
+    sketch.compact_into_store(cache, table[0], pages, pages + num_exact, num_vague, kept, 26, store)
+
+    new_pages = store.slots_for(26)
+    records = sketch.vague_records(cache, table[0], store, new_pages, 26)
+    exact_now = sketch.slot_range(cache, table[0], new_pages, new_pages + 10)
+    for h in range(3):
+        demoted = torch.ones(num_exact, dtype=torch.bool)
+        demoted[kept[h]] = False
+        k, v, pos, sc = store.decode(records[h])
+        assert pos.tolist() == list(range(num_vague)) + (100 + torch.nonzero(demoted)[:, 0]).tolist()
+        want_k = reference_quantize(ek[demoted, h].float(), 4, 32)
+        torch.testing.assert_close(k[num_vague:], want_k, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(v[num_vague:], reference_quantize(ev[demoted, h].float(), 4, 32),
+                                   atol=1e-3, rtol=1e-3)
+        assert not sc.any()  # scores restart after a compaction
+        assert torch.equal(exact_now[h, :, :64], ek[kept[h], h])
+        assert torch.equal(exact_now[h, :, 64:128], ev[kept[h], h])
+
+
+def test_compaction_evicts_the_lowest_scored_records():
+    gen = torch.Generator().manual_seed(2)
+    store = QuantizedStore(64, 4, SLOT_BYTES)
+    cache, table, _, _, _, _, pages = _layout_request(store, gen, 9, 12, num_kv_heads=1)
+    positions, scores = sketch.slot_meta(cache)
+    blocks, offsets = sketch.physical_slots(table[0], torch.arange(pages, pages + 12), 16)
+    positions[blocks, :, offsets] = (100 + torch.arange(12, dtype=torch.int32))[:, None]
+    scores[blocks, :, offsets] = torch.arange(12, dtype=torch.float32)[:, None] + 1  # > old records' 0
+    kept = torch.arange(8, 12)[None]  # keep the last 4 exact
+    # 9 old records (score 0) + 8 demoted (scores 1..8); room for 10: the 8 demoted
+    # and 2 of the old survive.
+    sketch.compact_into_store(cache, table[0], pages, pages + 12, 9, kept, 10, store)
+    records = sketch.vague_records(cache, table[0], store, store.slots_for(10), 10)
+    _, _, pos, _ = store.decode(records[0])
+    assert sorted(pos.tolist())[2:] == list(range(100, 108))  # all demoted tokens
+    assert sum(p < 9 for p in pos.tolist()) == 2  # and the best 2 of the old records
