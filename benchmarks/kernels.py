@@ -1,0 +1,467 @@
+"""CPU micro-benchmark of KVReviver's compiled ops.
+
+What it measures, on CPU with torch using every available core:
+
+* each compiled op (``torch.ops.kvreviver.paged_attention`` / ``write_kv``) against its
+  PyTorch reference (``kvreviver_vllm.sketch``), same signature, same inputs;
+* the compiled ops against vLLM's own CPU kernels doing the same work:
+  ``cpu_attention_with_kv_cache`` (outputs checked to agree with ours before timing) and
+  ``cpu_attn_reshape_and_cache``. vLLM's scheduler metadata
+  (``cpu_attn_get_scheduler_metadata``) is timed on its own and *not* included in the
+  vLLM kernel time: vLLM builds it once per step and shares it across all layers.
+  vLLM's KV split follows its default (``VLLM_CPU_ATTN_SPLIT_KV``);
+* the cost of score accumulation: the compiled paged attention with
+  ``accumulate_scores=True`` against itself without (every other comparison runs without
+  it, since neither vLLM nor the timed reference does that work).
+
+Shapes use the default model's geometry (SmolLM2-135M: 9 query / 3 KV heads, head size 64,
+bfloat16) with block size 128: decode (one query token per request) at batch 1 and 16 over
+contexts of 2048 and 8192 tokens, one prefill (1024 new tokens, context 2048), and write_kv
+for 16 (decode) and 1024 (prefill) tokens.
+
+Timing: the implementations of a case are interleaved, one call of each per repeat in a
+rotating order, after a warm-up; the number of repeats is chosen so a case takes ~2 s
+(0.2 s with ``--quick``), but is at least 20 (5), so cases with a slow reference take longer.
+Reported: the median ms per call, and ratios to the compiled op as the median over repeats
+of the paired ratio (other / compiled) of calls made back to back, which is robust to load
+that varies during the run. Other processes on the cores still inflate multi-threaded calls
+(a thread descheduled mid-call stalls the rest): the load average at start is printed and
+recorded, so a run on a busy machine can be recognised.
+
+Run:  .venv/bin/python benchmarks/kernels.py [--quick] [--out DIR]
+
+Writes ``kernels.json`` and ``kernels.png`` to ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvreviver_vllm import ops, sketch
+
+NUM_Q_HEADS = 9
+NUM_KV_HEADS = 3
+HEAD_SIZE = 64
+BLOCK_SIZE = 128
+DTYPE = torch.bfloat16
+SCALE = HEAD_SIZE**-0.5
+TOLERANCE = 1.6e-2  # bf16 outputs, float32 accumulation (as in tests/test_compiled_ops.py)
+BASELINE = "compiled"
+COLORS = {
+    "reference": "tab:blue",
+    "compiled": "tab:orange",
+    "compiled_scores": "tab:green",
+    "vllm": "tab:red",
+}
+TIMED = tuple(COLORS)  # the implementations plotted, in this order
+SPEEDUPS = ("reference/compiled", "vllm/compiled")  # > 1: the compiled op is faster
+OVERHEAD = "compiled_scores/compiled"  # > 1: score accumulation costs time
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: ``batch`` requests, each with ``new_tokens`` new tokens
+    (queries for attention, writes for write_kv) in a context of ``context`` tokens."""
+
+    op: str
+    phase: str
+    batch: int
+    context: int
+    new_tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.phase} b={self.batch} ctx={self.context} new={self.new_tokens}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    target_s: float  # wall time per case, all implementations together
+    min_repeats: int
+    max_repeats: int
+    warmup: int
+
+
+FULL = Settings(target_s=2.0, min_repeats=20, max_repeats=20_000, warmup=5)
+QUICK = Settings(target_s=0.2, min_repeats=5, max_repeats=2_000, warmup=2)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller contexts, fewer repeats")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="directory for kernels.json and kernels.png",
+    )
+    return parser.parse_args()
+
+
+def check_compiled_ops() -> None:
+    """Exit with a clear message unless the compiled ops are loaded and were built from
+    the same op signatures as the reference (a stale ``_C`` build is not benchmarked)."""
+    if ops.implementation() != ops.COMPILED:
+        raise SystemExit(
+            "kvreviver_vllm._C is not built: nothing to benchmark "
+            "(build it with `pip install --no-build-isolation -e .`)"
+        )
+    for name in ("write_kv", "paged_attention"):
+        compiled = [a.name for a in getattr(torch.ops.kvreviver, name).default._schema.arguments]
+        reference = list(inspect.signature(getattr(sketch, name)).parameters)
+        if compiled != reference:
+            raise SystemExit(
+                f"kvreviver_vllm._C is stale: {name}{tuple(compiled)} does not match "
+                f"sketch.{name}{tuple(reference)}; rebuild with "
+                "`pip install --no-build-isolation -e .`"
+            )
+
+
+def cases(quick: bool) -> list[Case]:
+    """The decode and prefill cases for both ops."""
+    contexts = (256, 1024) if quick else (2048, 8192)
+    prefill_new, prefill_context = (256, 512) if quick else (1024, 2048)
+    attention = [
+        Case("paged_attention", "decode", batch, context, 1)
+        for context in contexts
+        for batch in (1, 16)
+    ]
+    attention.append(Case("paged_attention", "prefill", 1, prefill_context, prefill_new))
+    write = [
+        Case("write_kv", "decode", 16, contexts[-1], 1),
+        Case("write_kv", "prefill", 1, prefill_context, prefill_new),
+    ]
+    return attention + write
+
+
+def load_vllm_kernels():
+    """vLLM's CPU custom ops, the attention ISA it picks for our geometry, and its KV-split flag."""
+    from vllm import _custom_ops as vllm_ops
+    from vllm import envs
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    current_platform.import_kernels()
+    isa = _get_attn_isa(DTYPE, BLOCK_SIZE, HEAD_SIZE, "auto")
+    return vllm_ops, isa, envs.VLLM_CPU_ATTN_SPLIT_KV
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def environment(quick: bool, isa: str, kv_split: bool) -> dict:
+    import vllm
+
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_1m_at_start": os.getloadavg()[0],
+        "cpu_model": cpu_model(),
+        "vllm_attn_isa": isa,
+        "vllm_enable_kv_split": kv_split,
+        "geometry": {
+            "num_q_heads": NUM_Q_HEADS,
+            "num_kv_heads": NUM_KV_HEADS,
+            "head_size": HEAD_SIZE,
+            "block_size": BLOCK_SIZE,
+            "dtype": str(DTYPE).removeprefix("torch."),
+        },
+    }
+
+
+class PagedLayout:
+    """Shuffled block tables for ``case.batch`` requests of ``case.context`` tokens, the
+    global slots and positions of all their tokens, and of each request's last
+    ``case.new_tokens`` tokens."""
+
+    def __init__(self, case: Case, gen: torch.Generator):
+        blocks_per_req = math.ceil(case.context / BLOCK_SIZE)
+        self.num_blocks = case.batch * blocks_per_req + 1
+        perm = torch.randperm(self.num_blocks, generator=gen)[: case.batch * blocks_per_req]
+        self.block_table = perm.view(case.batch, blocks_per_req).to(torch.int32)
+        self.seq_lens = torch.full((case.batch,), case.context, dtype=torch.int32)
+        self.query_start_loc = torch.arange(case.batch + 1, dtype=torch.int32) * case.new_tokens
+        positions = torch.arange(case.context).expand(case.batch, -1)
+        slots = self.block_table.long().gather(1, positions // BLOCK_SIZE) * BLOCK_SIZE
+        slots += positions % BLOCK_SIZE
+        self.context_slots, self.context_positions = slots.flatten(), positions.flatten()
+        new = slice(case.context - case.new_tokens, None)
+        self.new_slots, self.new_positions = slots[:, new].flatten(), positions[:, new].flatten()
+
+    def our_cache(self) -> torch.Tensor:
+        width = sketch.slot_width(HEAD_SIZE, DTYPE)
+        return torch.zeros(self.num_blocks, NUM_KV_HEADS, BLOCK_SIZE, width, dtype=DTYPE)
+
+    def vllm_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = torch.zeros(self.num_blocks, NUM_KV_HEADS, 2 * BLOCK_SIZE, HEAD_SIZE, dtype=DTYPE)
+        key_cache, value_cache = kv.chunk(2, dim=2)
+        return key_cache, value_cache
+
+
+def random_kv(num_tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_tokens, NUM_KV_HEADS, HEAD_SIZE)
+    return torch.randn(shape, generator=gen).to(DTYPE), torch.randn(shape, generator=gen).to(DTYPE)
+
+
+def attention_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str, Callable]:
+    """Zero-argument calls of each paged attention implementation (and of vLLM's metadata
+    build) over identical contexts, after asserting that their outputs agree. The
+    score-accumulating call only changes slot scores, which no implementation reads."""
+    gen = torch.Generator().manual_seed(0)
+    layout = PagedLayout(case, gen)
+    key, value = random_kv(len(layout.context_slots), gen)
+    cache = layout.our_cache()
+    torch.ops.kvreviver.write_kv(cache, key, value, layout.context_slots, layout.context_positions)
+    key_cache, value_cache = layout.vllm_cache()
+    vllm_ops.cpu_attn_reshape_and_cache(
+        key, value, key_cache, value_cache, layout.context_slots, isa,
+        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+    )  # fmt: skip
+    query = torch.randn(case.batch * case.new_tokens, NUM_Q_HEADS, HEAD_SIZE, generator=gen)
+    query = query.to(DTYPE)
+    args = (query, cache, layout.block_table, layout.seq_lens, layout.query_start_loc, SCALE)
+    outputs = {name: torch.empty_like(query) for name in TIMED}
+
+    def metadata() -> torch.Tensor:
+        return vllm_ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=case.batch, num_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS,
+            head_dim=HEAD_SIZE, seq_lens=layout.seq_lens, dtype=DTYPE,
+            query_start_loc=layout.query_start_loc, causal=True, sliding_window_size=-1,
+            isa=isa, enable_kv_split=kv_split, dynamic_causal=None, kv_cache_dtype="auto",
+        )  # fmt: skip
+
+    scheduler_metadata = metadata()
+
+    def vllm() -> None:
+        vllm_ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=outputs["vllm"],
+            query_start_loc=layout.query_start_loc, seq_lens=layout.seq_lens, scale=SCALE,
+            causal=True, alibi_slopes=None, sliding_window=-1, block_table=layout.block_table,
+            softcap=0.0, scheduler_metadata=scheduler_metadata, s_aux=None, dynamic_causal=None,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+        )  # fmt: skip
+
+    compiled = torch.ops.kvreviver.paged_attention
+    impls = {
+        "reference": lambda: sketch.paged_attention(outputs["reference"], *args, False),
+        "compiled": lambda: compiled(outputs["compiled"], *args, False),
+        "compiled_scores": lambda: compiled(outputs["compiled_scores"], *args, True),
+        "vllm": vllm,
+        "vllm_metadata": metadata,
+    }
+    for name in TIMED:
+        impls[name]()
+    for name in ("reference", "compiled_scores", "vllm"):
+        torch.testing.assert_close(
+            outputs[name], outputs[BASELINE], atol=TOLERANCE, rtol=TOLERANCE,
+            msg=lambda m, name=name: f"{case.label}: {name} vs {BASELINE}: {m}",
+        )  # fmt: skip
+    return impls
+
+
+def write_kv_impls(case: Case, vllm_ops, isa: str) -> dict[str, Callable]:
+    """Zero-argument calls of each write_kv implementation storing the same new tokens,
+    after asserting that the compiled op and the reference write identical caches."""
+    gen = torch.Generator().manual_seed(0)
+    layout = PagedLayout(case, gen)
+    key, value = random_kv(len(layout.new_slots), gen)
+    args = (key, value, layout.new_slots, layout.new_positions)
+    caches = {name: layout.our_cache() for name in ("reference", "compiled")}
+    key_cache, value_cache = layout.vllm_cache()
+    impls = {
+        "reference": lambda: sketch.write_kv(caches["reference"], *args),
+        "compiled": lambda: torch.ops.kvreviver.write_kv(caches["compiled"], *args),
+        "vllm": lambda: vllm_ops.cpu_attn_reshape_and_cache(
+            key, value, key_cache, value_cache, layout.new_slots, isa,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+        ),  # fmt: skip
+    }
+    for call in impls.values():
+        call()
+    assert torch.equal(caches["compiled"], caches["reference"]), f"{case.label}: caches differ"
+    assert bool(caches["compiled"].any()), f"{case.label}: nothing was written"
+    return impls
+
+
+def time_round(impls: dict[str, Callable], order: list[str]) -> dict[str, float]:
+    """One call of each implementation, in ``order``; seconds per call."""
+    seconds = {}
+    for name in order:
+        start = time.perf_counter()
+        impls[name]()
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def time_interleaved(impls: dict[str, Callable], settings: Settings) -> dict[str, list[float]]:
+    """Per-call seconds of each implementation over N interleaved repeats, the order
+    rotating each repeat; N is sized from the warm-up so the case takes ~target_s."""
+    names = list(impls)
+    warmup = [time_round(impls, names) for _ in range(settings.warmup)]
+    round_s = sum(statistics.median(r[name] for r in warmup) for name in names)
+    repeats = int(settings.target_s / max(round_s, 1e-9))
+    repeats = min(max(repeats, settings.min_repeats), settings.max_repeats)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        shift = i % len(names)
+        for name, seconds in time_round(impls, names[shift:] + names[:shift]).items():
+            times[name].append(seconds)
+    return times
+
+
+def summarize(case: Case, times: dict[str, list[float]]) -> dict:
+    """Median ms per call, and median paired ratios to the compiled op."""
+    base = times[BASELINE]
+    ratios = {
+        f"{name}/{BASELINE}": statistics.median(t / b for t, b in zip(times[name], base))
+        for name in TIMED
+        if name in times and name != BASELINE
+    }
+    return {
+        **asdict(case),
+        "label": case.label,
+        "repeats": len(base),
+        "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
+        "ratios": ratios,
+    }
+
+
+def run_case(case: Case, settings: Settings, vllm_ops, isa: str, kv_split: bool) -> dict:
+    if case.op == "paged_attention":
+        impls = attention_impls(case, vllm_ops, isa, kv_split)
+    else:
+        impls = write_kv_impls(case, vllm_ops, isa)
+    return summarize(case, time_interleaved(impls, settings))
+
+
+def print_table(results: list[dict]) -> None:
+    def ms(v: float) -> str:
+        return f"{v:.4f}"
+
+    def ratio(v: float) -> str:
+        return f"{v:.2f}x"
+
+    columns = [  # header, width, formatter (str: left-aligned), value of a result (None: "-")
+        ("op", 16, str, lambda r: r["op"]),
+        ("case", 30, str, lambda r: r["label"]),
+        ("reps", 6, int, lambda r: r["repeats"]),
+        ("ref ms", 10, ms, lambda r: r["ms"]["reference"]),
+        ("ours ms", 10, ms, lambda r: r["ms"]["compiled"]),
+        ("+scores ms", 11, ms, lambda r: r["ms"].get("compiled_scores")),
+        ("vllm ms", 10, ms, lambda r: r["ms"]["vllm"]),
+        ("vllm md ms", 11, ms, lambda r: r["ms"].get("vllm_metadata")),
+        ("ref/ours", 10, ratio, lambda r: r["ratios"][SPEEDUPS[0]]),
+        ("vllm/ours", 10, ratio, lambda r: r["ratios"][SPEEDUPS[1]]),
+        ("scores/ours", 12, ratio, lambda r: r["ratios"].get(OVERHEAD)),
+    ]
+
+    def line(cells: list[str]) -> str:
+        return "".join(
+            f"{text:<{width}}" if fmt is str else f"{text:>{width}}"
+            for text, (_, width, fmt, _) in zip(cells, columns)
+        )
+
+    header = line([name for name, *_ in columns])
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        values = [get(r) for *_, get in columns]
+        print(line(["-" if v is None else fmt(v) for v, (_, _, fmt, _) in zip(values, columns)]))
+    print(
+        "ms: median per call. x: median of paired per-repeat ratios; ref/ours and vllm/ours "
+        "> 1 mean ours is faster, scores/ours is the cost of accumulate_scores=True.\n"
+        "vllm md: vLLM's scheduler metadata, built once per step for all layers, "
+        "not included in vllm ms."
+    )
+
+
+def plot(results: list[dict], env: dict, path: Path) -> None:
+    """Left: ms per call of each implementation (log scale); right: speed-ups of ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']}\n{r['label']}" for r in results]
+    rows = range(len(results))
+    fig, (times_ax, ratio_ax) = plt.subplots(
+        1, 2, figsize=(15, 0.8 * len(results) + 2), sharey=True
+    )
+    height = 0.8 / len(TIMED)
+    for i, name in enumerate(TIMED):
+        offsets = [k + (i - (len(TIMED) - 1) / 2) * height for k in rows]
+        values = [r["ms"].get(name, float("nan")) for r in results]
+        times_ax.barh(offsets, values, height, label=name, color=COLORS[name])
+    times_ax.set_xscale("log")
+    times_ax.set_xlabel("ms per call (median, log scale)")
+    times_ax.set_yticks(list(rows), labels, fontsize=8)
+    times_ax.invert_yaxis()
+    times_ax.legend(loc="lower right", fontsize=8)
+    times_ax.grid(axis="x", which="both", alpha=0.3)
+
+    height = 0.8 / len(SPEEDUPS)
+    for i, name in enumerate(SPEEDUPS):
+        offsets = [k + (i - (len(SPEEDUPS) - 1) / 2) * height for k in rows]
+        values = [r["ratios"][name] for r in results]
+        color = COLORS[name.split("/")[0]]
+        bars = ratio_ax.barh(offsets, values, height, label=name, color=color)
+        ratio_ax.bar_label(bars, [f"{v:.2f}x" for v in values], fontsize=7, padding=2)
+    ratio_ax.axvline(1.0, color="black", linewidth=1)
+    ratio_ax.set_xscale("log")
+    ratio_ax.set_xlabel("speed-up of compiled (median paired ratio, log scale; > 1: ours faster)")
+    ratio_ax.legend(loc="lower right", fontsize=8)
+    ratio_ax.grid(axis="x", which="both", alpha=0.3)
+    ratio_ax.margins(x=0.15)
+
+    fig.suptitle(
+        f"KVReviver compiled CPU ops: {env['cpu_model']}, {env['threads']} threads, "
+        f"torch {env['torch']}, vLLM {env['vllm']}" + (" (quick)" if env["quick"] else "")
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    check_compiled_ops()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    vllm_ops, isa, kv_split = load_vllm_kernels()
+    env = environment(args.quick, isa, kv_split)
+    settings = QUICK if args.quick else FULL
+    print(
+        f"{env['cpu_model']}, {env['threads']} threads, torch {env['torch']}, "
+        f"vLLM {env['vllm']} (isa={isa}, kv split={kv_split}), "
+        f"load average {env['load_average_1m_at_start']:.2f} at start"
+    )
+    results = [run_case(case, settings, vllm_ops, isa, kv_split) for case in cases(args.quick)]
+    print_table(results)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "kernels.json", args.out / "kernels.png"
+    json_path.write_text(json.dumps({"environment": env, "results": results}, indent=2) + "\n")
+    plot(results, env, png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
