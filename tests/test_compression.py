@@ -107,3 +107,46 @@ def test_preempted_requests_resume_exactly(model_dir):
     assert ours["free_at_end"] == ours["free_at_start"]
     for rid in map(str, range(len(prompts))):
         assert ours["outputs"][rid]["token_ids"] == stock["outputs"][rid]["token_ids"], rid
+
+
+@pytest.mark.parametrize("variant", ["quantized", "evict"])
+def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, variant):
+    """Checks run inside the worker on the real paged cache (see
+    kvreviver_vllm.diagnostics.install_store_checks): every compaction stores exactly
+    the demoted tokens, every decode step attends over exactly the revived store plus
+    the exact slots."""
+    import os
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvreviver_vllm.diagnostics import install_store_checks, store_check_results
+    from prompts import make_prompt
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+              attention_backend="kvreviver", enable_prefix_caching=False,
+              max_num_batched_tokens=STAGING, block_size=BLOCK_SIZE,
+              kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
+              additional_config={"kvreviver": {"budget": 0.25, "variant": variant}})
+    try:
+        layers = ["model.layers.0.self_attn.attn", "model.layers.15.self_attn.attn",
+                  "model.layers.29.self_attn.attn"]
+        assert llm.collective_rpc(install_store_checks, args=(layers,)) == [3]
+        prompts = [TokensPrompt(prompt_token_ids=make_prompt(tokenizer, n, seed=n)) for n in (1500, 2200)]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+        checks = llm.collective_rpc(store_check_results)[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    compactions = [c for c in checks if c[0] == "compaction"]
+    decodes = [c for c in checks if c[0] == "decode"]
+    # Per layer: several compactions per request; decode steps of one request that
+    # share a step with the other's prefill chunk are not checked (mixed batch).
+    assert len(compactions) >= 3 * 2 and len(decodes) >= 3 * 20
+    assert all(c[1] for c in compactions), [c for c in compactions if not c[1]][:5]
+    assert all(c[1] for c in decodes), [c for c in decodes if not c[1]][:5]
+    if variant == "quantized":
+        assert any(c[3] > 0 for c in compactions)  # tokens went to the store
+        assert any(c[2] > 0 for c in decodes)  # and were revived while decoding
+    else:
+        assert all(c[3] == 0 for c in compactions) and all(c[2] == 0 for c in decodes)

@@ -331,15 +331,18 @@ class KVReviverAttentionImpl(AttentionImpl):
             self.store = QuantizedStore(self.head_size, self.config.bits, slot_bytes)
         return self.store
 
+    def _select(self, scores: torch.Tensor, keep_exact: int) -> torch.Tensor:
+        """Exact slots ``[Hkv, keep_exact]`` to keep, out of the scored exact range."""
+        return policy.select_kept(
+            scores, keep_exact, self.config.sink, self.config.recent,
+            by_score=self.config.variant != "streaming",
+        )
+
     def _compact(self, kv_cache: torch.Tensor, md: KVReviverMetadata, row: int,
                  keep_exact: int, keep_vague: int) -> None:
         block_row = md.block_table[row]
         start, end = int(md.exact_start[row]), int(md.seq_lens[row])
-        scores = ops.request_scores(kv_cache, block_row, end)[:, start:]
-        kept = policy.select_kept(
-            scores, keep_exact, self.config.sink, self.config.recent,
-            by_score=self.config.variant != "streaming",
-        )
+        kept = self._select(ops.request_scores(kv_cache, block_row, end)[:, start:], keep_exact)
         if self.config.variant == "quantized":
             ops.compact_into_store(
                 kv_cache, block_row, start, end, int(md.vague_tokens[row]), kept, keep_vague,
