@@ -24,6 +24,10 @@ SERVE_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--max-model-len", "8192"),
     ("--served-model-name", DEFAULT_MODEL_NAME),
     ("--enforce-eager", None),
+    # Compaction rewrites blocks, so cached prefixes would never match.
+    ("--no-enable-prefix-caching", None),
+    # The staging room every request holds on top of its budget is this many tokens.
+    ("--max-num-batched-tokens", "512"),
 )
 # The KV pool of vLLM on CPU, in GiB: the default (92% of the NUMA node) fails
 # on small or shared machines.

@@ -10,7 +10,8 @@ def test_serve_defaults():
     assert cmd[:3] == ["vllm", "serve", "/m"]
     joined = " ".join(cmd)
     for part in ("--attention-backend kvreviver", "--host 127.0.0.1", "--port 8000",
-                 "--dtype bfloat16", "--max-model-len 8192", "--enforce-eager"):
+                 "--dtype bfloat16", "--max-model-len 8192", "--enforce-eager",
+                 "--no-enable-prefix-caching", "--max-num-batched-tokens 512"):
         assert part in joined
 
 

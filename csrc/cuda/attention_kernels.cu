@@ -192,6 +192,17 @@ cudaError_t dispatch_attention(void* out, const void* query, void* cache,
 
 }  // namespace
 
+// Calls launch(T{}) with T the element type named by dtype.
+template <typename Launch>
+cudaError_t with_element_type(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32: return launch(float{});
+    case DType::kFloat16: return launch(__half{});
+    case DType::kBFloat16: return launch(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 cudaError_t launch_write_kv(DType dtype, void* kv_cache, const void* key,
                             const void* value, const int64_t* slot_mapping,
                             const int64_t* positions, int64_t num_tokens,
@@ -199,29 +210,14 @@ cudaError_t launch_write_kv(DType dtype, void* kv_cache, const void* key,
                             int64_t block_size, int64_t slot_width,
                             cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  const int threads = 256;
-  switch (dtype) {
-    case DType::kFloat32:
-      write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
-          static_cast<float*>(kv_cache), static_cast<const float*>(key),
-          static_cast<const float*>(value), slot_mapping, positions, num_kv_heads,
-          head_size, block_size, slot_width);
-      break;
-    case DType::kFloat16:
-      write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
-          static_cast<__half*>(kv_cache), static_cast<const __half*>(key),
-          static_cast<const __half*>(value), slot_mapping, positions, num_kv_heads,
-          head_size, block_size, slot_width);
-      break;
-    case DType::kBFloat16:
-      write_kv_kernel<<<num_tokens, threads, 0, stream>>>(
-          static_cast<__nv_bfloat16*>(kv_cache),
-          static_cast<const __nv_bfloat16*>(key),
-          static_cast<const __nv_bfloat16*>(value), slot_mapping, positions,
-          num_kv_heads, head_size, block_size, slot_width);
-      break;
-  }
-  return cudaGetLastError();
+  return with_element_type(dtype, [&](auto element) {
+    using T = decltype(element);
+    write_kv_kernel<<<num_tokens, 256, 0, stream>>>(
+        static_cast<T*>(kv_cache), static_cast<const T*>(key),
+        static_cast<const T*>(value), slot_mapping, positions, num_kv_heads,
+        head_size, block_size, slot_width);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t launch_paged_attention(
@@ -233,27 +229,13 @@ cudaError_t launch_paged_attention(
     int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
     int64_t out_head_stride, float scale, bool accumulate_scores,
     cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return dispatch_attention<float>(
-          out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
-          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
-          table_width, q_token_stride, q_head_stride, out_token_stride,
-          out_head_stride, scale, accumulate_scores, stream);
-    case DType::kFloat16:
-      return dispatch_attention<__half>(
-          out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
-          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
-          table_width, q_token_stride, q_head_stride, out_token_stride,
-          out_head_stride, scale, accumulate_scores, stream);
-    case DType::kBFloat16:
-      return dispatch_attention<__nv_bfloat16>(
-          out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
-          num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
-          table_width, q_token_stride, q_head_stride, out_token_stride,
-          out_head_stride, scale, accumulate_scores, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto element) {
+    return dispatch_attention<decltype(element)>(
+        out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
+        num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
+        table_width, q_token_stride, q_head_stride, out_token_stride,
+        out_head_stride, scale, accumulate_scores, stream);
+  });
 }
 
 }  // namespace kvreviver::cuda
