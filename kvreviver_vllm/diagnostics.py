@@ -27,101 +27,134 @@ def install_store_checks(worker, layer_names: list[str]) -> int:
     """Wrap the named layers' impls so that every compaction and every decode step
     is checked against an independent reference, in the worker, on the real cache:
 
-    * compaction: the vague store read back from the paged blocks holds exactly the
-      old records that survive plus the quantized tokens just demoted (positions,
-      and keys/values equal to ``QuantizedStore.quantize`` of the captured slots);
-      the kept exact slots are byte-identical to the ones selected;
+    * compaction: the kept exact slots are byte-identical to the ones selected;
+      the store read back from the paged blocks holds exactly what inserting the
+      demoted tokens should give (quantized: their records, with keys/values equal
+      to ``QuantizedStore.quantize`` of the captured slots, plus the surviving old
+      ones; sketch: old bucket sums plus the signed sums of the demoted tokens);
     * decode: each request's attention output equals float64 attention over its
       revived vague tokens plus its exact slots, as laid out in the paged blocks.
 
     Results accumulate on the impl (``store_checks``); read them with
     :func:`store_check_results`. Returns the number of layers wrapped.
     """
-    import torch
     from vllm.model_executor.layers.attention import Attention
-
-    from kvreviver_vllm import sketch
 
     wrapped = 0
     for module in worker.model_runner.model.modules():
-        if not isinstance(module, Attention) or module.layer_name not in layer_names:
-            continue
-        impl = module.impl
-        impl.store_checks = []
-        compact, forward = impl._compact, impl.forward
-
-        def checked_compact(kv_cache, md, row, keep_exact, keep_vague, impl=impl, compact=compact):
-            store = impl._store(kv_cache) if impl.config.variant == "quantized" else None
-            block_row = md.block_table[row]
-            start, end, nv = int(md.exact_start[row]), int(md.seq_lens[row]), int(md.vague_tokens[row])
-            exact = sketch.slot_range(kv_cache, block_row, start, end).clone()
-            old = sketch.vague_records(kv_cache, block_row, store, start, nv) if nv else None
-            selected = []
-            real_select = impl._select
-            impl._select = lambda scores, keep: selected.append(real_select(scores, keep)) or selected[-1]
-            try:
-                compact(kv_cache, md, row, keep_exact, keep_vague)
-            finally:
-                impl._select = real_select
-            kept = selected[0]
-            pages = store.slots_for(keep_vague) if store else 0
-            exact_now = sketch.slot_range(kv_cache, block_row, pages, pages + keep_exact)
-            head_size = impl.head_size
-            ok = all(
-                torch.equal(exact_now[h, :, : 2 * head_size], exact[h, kept[h], : 2 * head_size])
-                for h in range(exact.shape[0])
-            )
-            if store is not None:
-                records = sketch.vague_records(kv_cache, block_row, store, pages, keep_vague)
-                pos_meta = exact[..., 2 * head_size :].contiguous().view(torch.int32)[..., 0]
-                for h in range(exact.shape[0]):
-                    demoted = torch.ones(exact.shape[1], dtype=torch.bool)
-                    demoted[kept[h]] = False
-                    k, v, pos, _ = store.decode(records[h])
-                    old_pos = store.decode(old[h])[2] if old is not None else pos[:0]
-                    candidates = set(old_pos.tolist()) | set(pos_meta[h, demoted].tolist())
-                    ok &= set(pos.tolist()) <= candidates and len(pos) == keep_vague
-                    new_pos = pos_meta[h, demoted]
-                    stored = {p: i for i, p in enumerate(pos.tolist())}
-                    survivors = [i for i, p in enumerate(new_pos.tolist()) if p in stored]
-                    if survivors:
-                        src = exact[h, demoted][survivors]
-                        rows = [stored[p] for p in new_pos[survivors].tolist()]
-                        want_k = store.dequantize(*store.quantize(src[:, :head_size]))
-                        want_v = store.dequantize(*store.quantize(src[:, head_size : 2 * head_size]))
-                        ok &= torch.allclose(k[rows], want_k) and torch.allclose(v[rows], want_v)
-            impl.store_checks.append(("compaction", bool(ok), keep_exact, keep_vague))
-
-        def checked_forward(layer, query, key, value, kv_cache, md, output, *args, impl=impl,
-                            forward=forward, **kwargs):
-            result = forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs)
-            if md is None or int(md.query_start_loc.diff().max()) != 1:
-                return result
-            compacted = {row for row, _, _ in md.compactions}
-            store = impl._store(kv_cache) if impl.config.variant == "quantized" else None
-            group = impl.num_heads // impl.num_kv_heads
-            for row in range(len(md.seq_lens)):
-                if row in compacted:
-                    continue
-                start, end, nv = int(md.exact_start[row]), int(md.seq_lens[row]), int(md.vague_tokens[row])
-                exact = sketch.slot_range(kv_cache, md.block_table[row], start, end).double()
-                keys, values = exact[..., : impl.head_size], exact[..., impl.head_size : 2 * impl.head_size]
-                if nv:
-                    records = sketch.vague_records(kv_cache, md.block_table[row], store, start, nv)
-                    decoded = [store.decode(r) for r in records]
-                    keys = torch.cat([torch.stack([d[0] for d in decoded]).double(), keys], 1)
-                    values = torch.cat([torch.stack([d[1] for d in decoded]).double(), values], 1)
-                t = int(md.query_start_loc[row])
-                q = query[t].double().view(impl.num_kv_heads, group, impl.head_size)
-                probs = torch.softmax(q @ keys.transpose(1, 2) * impl.scale, dim=-1)
-                want = (probs @ values).view(-1, impl.head_size)
-                err = (output[t].double().view(-1, impl.head_size) - want).abs().max().item()
-                impl.store_checks.append(("decode", err < 3e-2, nv, end - start))
-            return result
-
-        impl._compact, impl.forward = checked_compact, checked_forward
-        wrapped += 1
+        if isinstance(module, Attention) and module.layer_name in layer_names:
+            _wrap_with_checks(module.impl)
+            wrapped += 1
     return wrapped
+
+
+def _wrap_with_checks(impl) -> None:
+    import torch
+
+    from kvreviver_vllm import sketch
+    from kvreviver_vllm.stores import CountSketchStore, QuantizedStore
+
+    impl.store_checks = []
+    compact, forward, select = impl._compact, impl.forward, impl._select
+    d = impl.head_size
+
+    def checked_compact(kv_cache, md, row, keep_exact, keep_vague):
+        store, block_row = impl.store, md.block_table[row]
+        start, end, nv = int(md.exact_start[row]), int(md.seq_lens[row]), int(md.vague_tokens[row])
+        exact = sketch.slot_range(kv_cache, block_row, start, end).clone()
+        old_pages = sketch.store_pages(kv_cache, block_row, start).clone()
+        selected = []
+        impl._select = lambda scores, keep: selected.append(select(scores, keep)) or selected[-1]
+        try:
+            compact(kv_cache, md, row, keep_exact, keep_vague)
+        finally:
+            del impl._select
+        kept = selected[0]
+        first = store.slots_for(keep_vague) if store else 0
+        exact_now = sketch.slot_range(kv_cache, block_row, first, first + keep_exact)
+        pages = sketch.store_pages(kv_cache, block_row, first)
+        positions = exact[..., 2 * d :].contiguous().view(torch.int32)[..., 0]
+        ok = True
+        for h in range(exact.shape[0]):
+            ok &= torch.equal(exact_now[h, :, : 2 * d], exact[h, kept[h], : 2 * d])
+            demoted = torch.ones(exact.shape[1], dtype=torch.bool)
+            demoted[kept[h]] = False
+            src, pos = exact[h, demoted].float(), positions[h, demoted]
+            if isinstance(store, QuantizedStore):
+                ok &= _quantized_store_holds(store, pages[h], keep_vague, old_pages[h], nv, src, pos, d)
+            elif isinstance(store, CountSketchStore):
+                seed = sketch.head_seed(impl.layer_seed, h)
+                ok &= _sketch_holds(store, pages[h], old_pages[h], nv, src, pos, seed, d)
+        impl.store_checks.append(("compaction", bool(ok), keep_exact, keep_vague))
+
+    def checked_forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs):
+        result = forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs)
+        if md is None or int(md.query_start_loc.diff().max()) != 1:
+            return result
+        compacted = {row for row, _, _ in md.compactions}
+        group = impl.num_heads // impl.num_kv_heads
+        for row in range(len(md.seq_lens)):
+            if row in compacted:
+                continue
+            start, end, nv = int(md.exact_start[row]), int(md.seq_lens[row]), int(md.vague_tokens[row])
+            exact = sketch.slot_range(kv_cache, md.block_table[row], start, end).double()
+            keys, values = exact[..., :d], exact[..., d : 2 * d]
+            if nv:
+                pages = sketch.store_pages(kv_cache, md.block_table[row], start)
+                revived = [impl.store.revive(pages[h], nv, sketch.head_seed(impl.layer_seed, h))
+                           for h in range(impl.num_kv_heads)]
+                keys = torch.cat([torch.stack([k for k, _ in revived]).double(), keys], 1)
+                values = torch.cat([torch.stack([v for _, v in revived]).double(), values], 1)
+            t = int(md.query_start_loc[row])
+            q = query[t].double().view(impl.num_kv_heads, group, d)
+            probs = torch.softmax(q @ keys.transpose(1, 2) * impl.scale, dim=-1)
+            want = (probs @ values).view(-1, d)
+            err = (output[t].double().view(-1, d) - want).abs().max().item()
+            # The output is rounded to the model dtype (bf16: 2**-8 relative).
+            tolerance = 2e-2 * max(1.0, want.abs().max().item())
+            impl.store_checks.append(("decode", err < tolerance, nv, end - start))
+        return result
+
+    impl._compact, impl.forward = checked_compact, checked_forward
+
+
+def _quantized_store_holds(store, pages, keep, old_pages, num_old, src, positions, d) -> bool:
+    """Records = surviving old records + records of the demoted tokens ``src``."""
+    import torch
+
+    records = store.from_pages(pages, keep)
+    keys, values, stored_pos, _ = store.decode(records)
+    old_pos = store.decode(store.from_pages(old_pages, num_old))[2] if num_old else stored_pos[:0]
+    if len(stored_pos) != keep or not set(stored_pos.tolist()) <= set(old_pos.tolist()) | set(positions.tolist()):
+        return False
+    where = {p: i for i, p in enumerate(stored_pos.tolist())}
+    survivors = [i for i, p in enumerate(positions.tolist()) if p in where]
+    if not survivors:
+        return True
+    rows = [where[p] for p in positions[survivors].tolist()]
+    want_k = store.dequantize(*store.quantize(src[survivors, :d]))
+    want_v = store.dequantize(*store.quantize(src[survivors, d : 2 * d]))
+    return torch.allclose(keys[rows], want_k) and torch.allclose(values[rows], want_v)
+
+
+def _sketch_holds(store, pages, old_pages, num_old, src, positions, seed, d) -> bool:
+    """Bucket sums = old sums + signed sums of the demoted tokens ``src``."""
+    import torch
+
+    if not len(pages):
+        return True
+    want_k = torch.zeros(store.rows, store.buckets, d)
+    want_v = torch.zeros_like(want_k)
+    if num_old:
+        want_k, want_v = store.bucket_sums(old_pages)
+    idx, sign = store.hashes(positions, seed)
+    for r in range(store.rows):
+        for i in range(len(positions)):
+            want_k[r, idx[r, i]] += sign[r, i] * src[i, :d]
+            want_v[r, idx[r, i]] += sign[r, i] * src[i, d : 2 * d]
+    got_k, got_v = store.bucket_sums(pages)
+    tol = dict(atol=0.05, rtol=0.02)  # sums are stored in the cache dtype
+    return torch.allclose(got_k, want_k, **tol) and torch.allclose(got_v, want_v, **tol)
 
 
 def store_check_results(worker) -> list[tuple[str, bool, int, int]]:

@@ -53,21 +53,12 @@ def is_kvreviver_selected(vllm_config) -> bool:
     return any(b is not None and b.name == BACKEND_NAME for b in chosen)
 
 
-# Variants whose vague store is not built yet (they are refused, never faked).
-UNAVAILABLE_VARIANTS = ("sketch",)
-
-
 def validate_engine_config(vllm_config) -> None:
     """Refuse, before the engine starts, what the backend cannot serve correctly."""
     from kvreviver_vllm.config import KVReviverConfig, KVReviverConfigError
 
     config = KVReviverConfig.from_vllm_config(vllm_config)
     if config.compresses(vllm_config.model_config.max_model_len):
-        if config.variant in UNAVAILABLE_VARIANTS:
-            raise KVReviverConfigError(
-                f"kvreviver.variant={config.variant!r} is not available yet: with "
-                "budget < 1 use variant 'quantized', 'evict' or 'streaming'"
-            )
         conflicts = {
             "prefix caching (add --no-enable-prefix-caching)":
                 vllm_config.cache_config.enable_prefix_caching,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvreviver_vllm.stores.base import VagueStore
+
 POOL_KERNEL = 7
 
 
@@ -53,24 +55,24 @@ def select_kept(
 
 
 def split_budget(
-    budget_slots: int, exact: int, vague: int, protected: int, tokens_per_slot: int
+    budget_slots: int, exact: int, vague: int, protected: int, store: VagueStore | None
 ) -> tuple[int, int]:
     """``(exact kept, vague kept)`` for a compaction to ``budget_slots`` slots.
 
     ``exact`` tokens are now exact and ``vague`` are in the store; ``protected``
-    (sink + recent) stay exact. Without a store (``tokens_per_slot == 0``) the
-    budget is all exact. With one, every token stays (exact or vague) if it can,
-    with as many exact as fit; otherwise only sink + recent stay exact and the
-    store keeps what fits, the rest being evicted.
+    (sink + recent) stay exact. Without a store the budget is all exact. With
+    one, every token stays (exact or vague) if it can, with as many exact as fit;
+    otherwise only sink + recent stay exact and the store keeps what fits, the
+    rest being evicted.
     """
-    if tokens_per_slot == 0:
+    if store is None:
         return min(budget_slots, exact), 0
+    if exact + store.slots_for(vague) <= budget_slots:
+        return exact, vague
     total = exact + vague
     protected = min(protected, exact)
-    if total <= budget_slots:
-        return exact, vague
     # Largest number of exact tokens whose remainder fits in the store.
     for keep_exact in range(min(exact, budget_slots), protected - 1, -1):
-        if keep_exact + -(-(total - keep_exact) // tokens_per_slot) <= budget_slots:
+        if keep_exact + store.slots_for(total - keep_exact) <= budget_slots:
             return keep_exact, total - keep_exact
-    return protected, max(0, budget_slots - protected) * tokens_per_slot
+    return protected, min(total - protected, store.capacity(budget_slots - protected))

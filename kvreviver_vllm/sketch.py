@@ -183,18 +183,19 @@ def write_slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int
     kv_cache[blocks, :, offsets] = slots.transpose(0, 1)
 
 
-def vague_records(kv_cache: torch.Tensor, block_row: torch.Tensor, store, exact_start: int,
-                  num_vague: int) -> torch.Tensor:
-    """The store's records ``uint8 [Hkv, num_vague, record_bytes]`` of one request."""
-    pages = slot_range(kv_cache, block_row, 0, exact_start).contiguous().view(torch.uint8)
-    return torch.stack([store.from_pages(p, num_vague) for p in pages])
+def store_pages(kv_cache: torch.Tensor, block_row: torch.Tensor, exact_start: int) -> torch.Tensor:
+    """One request's vague-store pages, raw: ``uint8 [Hkv, exact_start, slot_bytes]``."""
+    return slot_range(kv_cache, block_row, 0, exact_start).contiguous().view(torch.uint8)
 
 
-def write_vague_records(kv_cache: torch.Tensor, block_row: torch.Tensor, store,
-                        records: torch.Tensor) -> None:
-    """Pack ``records [Hkv, N, record_bytes]`` into one request's slots ``[0, slots_for(N))``."""
-    pages = torch.stack([store.to_pages(r) for r in records])  # [Hkv, P, slot_bytes]
+def write_store_pages(kv_cache: torch.Tensor, block_row: torch.Tensor, pages: torch.Tensor) -> None:
+    """Write ``pages uint8 [Hkv, P, slot_bytes]`` to one request's slots ``[0, P)``."""
     write_slot_range(kv_cache, block_row, 0, pages.view(kv_cache.dtype))
+
+
+def head_seed(layer_seed: int, head: int) -> int:
+    """Hash seed of one (layer, KV head); stores derive one per row from it."""
+    return layer_seed * 1_000_003 + head
 
 
 def paged_attention_revived(
@@ -209,14 +210,16 @@ def paged_attention_revived(
     scale: float,
     accumulate_scores: bool,
     store,
+    layer_seed: int,
 ) -> None:
-    """One softmax per query over the request's revived vague tokens (dequantized
-    from its store; all older than every query of the step) and its exact slots
-    ``[exact_start, seq_len)`` (causal as in :func:`paged_attention`). With
-    ``accumulate_scores`` both exact slots and vague records gain the attention
-    they received."""
+    """One softmax per query over the request's revived vague tokens
+    (reconstructed by ``store`` from its pages; all older than every query of the
+    step) and its exact slots ``[exact_start, seq_len)`` (causal as in
+    :func:`paged_attention`). With ``accumulate_scores`` exact slots, and vague
+    tokens where the store keeps importance, gain the attention they received."""
     num_kv_heads = kv_cache.shape[1]
     group = query.shape[1] // num_kv_heads
+    head_size = head_size_of(kv_cache)
     _, score = slot_meta(kv_cache)
     starts = query_start_loc.tolist()
     for r, (p, end, nv) in enumerate(zip(exact_start.tolist(), seq_lens.tolist(), vague_tokens.tolist())):
@@ -224,14 +227,13 @@ def paged_attention_revived(
         n = q1 - q0
         if n == 0:
             continue
-        head_size = head_size_of(kv_cache)
         exact = slot_range(kv_cache, block_table[r], p, end)
         keys, values = exact[..., :head_size].float(), exact[..., head_size : 2 * head_size].float()
-        records = vague_records(kv_cache, block_table[r], store, p, nv) if nv else None
-        if records is not None:
-            decoded = [store.decode(rec) for rec in records]
-            keys = torch.cat([torch.stack([d[0] for d in decoded]), keys], dim=1)
-            values = torch.cat([torch.stack([d[1] for d in decoded]), values], dim=1)
+        pages = store_pages(kv_cache, block_table[r], p) if nv else None
+        if pages is not None:
+            revived = [store.revive(pages[h], nv, head_seed(layer_seed, h)) for h in range(num_kv_heads)]
+            keys = torch.cat([torch.stack([k for k, _ in revived]), keys], dim=1)
+            values = torch.cat([torch.stack([v for _, v in revived]), values], dim=1)
         keys = keys.repeat_interleave(group, 0)
         values = values.repeat_interleave(group, 0)
         q = query[q0:q1].transpose(0, 1).float()
@@ -249,12 +251,10 @@ def paged_attention_revived(
             block_table[r], torch.arange(p, end, device=q.device), kv_cache.shape[2]
         )
         score[blocks, :, offsets] += received[:, nv:].transpose(0, 1)
-        if records is not None:
-            updated = torch.stack([
-                store.with_scores(rec, d[3] + got)
-                for rec, d, got in zip(records, decoded, received[:, :nv])
-            ])
-            write_vague_records(kv_cache, block_table[r], store, updated)
+        if pages is not None:
+            updated = [store.add_attention(pages[h], nv, received[h, :nv]) for h in range(num_kv_heads)]
+            if updated[0] is not None:
+                write_store_pages(kv_cache, block_table[r], torch.stack(updated))
 
 
 def compact_into_store(
@@ -266,38 +266,34 @@ def compact_into_store(
     kept_exact: torch.Tensor,
     keep_vague: int,
     store,
+    layer_seed: int,
 ) -> None:
     """Per KV head: keep exact slots ``kept_exact[h]`` (indices into the exact
-    range, ascending), demote the other exact tokens into the store, keep the
-    ``keep_vague`` best-scored records (old and new; the rest are evicted), then
-    lay the request out again: pages at ``[0, slots_for(keep_vague))``, kept
-    exact slots right after, every score reset to 0."""
+    range, ascending), demote the other exact tokens into the store, which keeps
+    ``keep_vague`` tokens; then lay the request out again: store pages at
+    ``[0, slots_for(keep_vague))``, kept exact slots right after, scores reset."""
     head_size = head_size_of(kv_cache)
     exact = slot_range(kv_cache, block_row, exact_start, seq_len)  # copies
-    old = vague_records(kv_cache, block_row, store, exact_start, num_vague) if num_vague else None
+    old_pages = store_pages(kv_cache, block_row, exact_start)
     meta = exact[..., 2 * head_size :].contiguous().view(torch.int32)
     positions, scores = meta[..., 0], meta[..., 1].view(torch.float32)
     new_pages, new_exact = [], []
     for h in range(kv_cache.shape[1]):
         demoted = torch.ones(exact.shape[1], dtype=torch.bool)
         demoted[kept_exact[h]] = False
-        records = store.encode(
+        new_pages.append(store.absorb(
+            old_pages[h], num_vague,
             exact[h, demoted, :head_size], exact[h, demoted, head_size : 2 * head_size],
-            positions[h, demoted], scores[h, demoted],
-        )
-        if old is not None:
-            records = torch.cat([old[h], records])
-        _, _, rec_pos, rec_scores = store.decode(records)
-        best = rec_scores.topk(keep_vague).indices
-        best = best[rec_pos[best].argsort()]  # store order: by position
-        new_pages.append(store.with_scores(records[best], torch.zeros(keep_vague)))
+            positions[h, demoted], scores[h, demoted], keep_vague, head_seed(layer_seed, h),
+        ))
         new_exact.append(exact[h, kept_exact[h]])
-    write_vague_records(kv_cache, block_row, store, torch.stack(new_pages))
+    write_store_pages(kv_cache, block_row, torch.stack(new_pages))
     kept = torch.stack(new_exact)
-    write_slot_range(kv_cache, block_row, store.slots_for(keep_vague), kept)
+    first = store.slots_for(keep_vague)
+    write_slot_range(kv_cache, block_row, first, kept)
     _, score = slot_meta(kv_cache)
     blocks, offsets = physical_slots(
-        block_row, torch.arange(store.slots_for(keep_vague), store.slots_for(keep_vague) + kept.shape[1]),
+        block_row, torch.arange(first, first + kept.shape[1], device=kv_cache.device),
         kv_cache.shape[2],
     )
     score[blocks, :, offsets] = 0.0

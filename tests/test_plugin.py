@@ -98,9 +98,6 @@ def test_bad_config_stops_engine_config(model_dir, section, message):
 def test_engine_config_refuses_what_compression_cannot_serve(model_dir):
     config = _engine_config(model_dir, {"kvreviver": {"budget": 1.0}})
     assert plugin.is_kvreviver_selected(config)
-    with pytest.raises(ValueError, match="kvreviver.variant='sketch' is not available yet"):
-        _engine_config(model_dir, {"kvreviver": {"budget": 0.1, "variant": "sketch"}},
-                       enable_prefix_caching=False)
     with pytest.raises(ValueError, match=r"prefix caching \(add --no-enable-prefix-caching\)"):
         _engine_config(model_dir, {"kvreviver": {"budget": 0.1, "variant": "evict"}})
     config = _engine_config(

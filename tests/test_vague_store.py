@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvreviver_vllm import policy, sketch
-from kvreviver_vllm.stores import QuantizedStore
+from kvreviver_vllm.stores import CountSketchStore, QuantizedStore
 from test_reference_ops import build_cache, request_meta
 
 SLOT_BYTES = sketch.slot_width(64, torch.bfloat16) * 2  # 264
@@ -52,18 +52,24 @@ def test_record_sizes_count_every_byte():
 
 
 def test_split_budget():
+    store = QuantizedStore(64, 4, SLOT_BYTES)  # 3 tokens a slot
     # Everything fits: nothing changes.
-    assert policy.split_budget(100, 80, 10, 68, 3) == (80, 10)
+    assert policy.split_budget(100, 80, 10, 68, store) == (80, 10)
     # Nothing evicted: as many exact tokens as the store leaves room for.
-    exact, vague = policy.split_budget(1024, 2048, 0, 68, 3)
+    exact, vague = policy.split_budget(1024, 2048, 0, 68, store)
     assert exact + vague == 2048
     assert exact + math.ceil(vague / 3) <= 1024 < exact + 1 + math.ceil((vague - 1) / 3)
     # Store full: sink + recent stay exact, the store is filled, the rest evicted.
-    assert policy.split_budget(205, 2048, 0, 68, 3) == (68, 411)
+    assert policy.split_budget(205, 2048, 0, 68, store) == (68, 411)
     # Old vague tokens count too.
-    assert policy.split_budget(205, 100, 500, 68, 3) == (68, 411)
+    assert policy.split_budget(205, 100, 500, 68, store) == (68, 411)
     # No store (evict, streaming): the budget is all exact.
-    assert policy.split_budget(205, 2048, 0, 68, 0) == (205, 0)
+    assert policy.split_budget(205, 2048, 0, 68, None) == (205, 0)
+    # A sketch costs its buckets first, then 66 positions a slot.
+    sketch_store = CountSketchStore(64, 3, 16, SLOT_BYTES, torch.bfloat16)
+    assert policy.split_budget(100, 300, 0, 68, sketch_store) == (68, 0)  # no room for 48 buckets
+    exact, vague = policy.split_budget(512, 2048, 0, 68, sketch_store)
+    assert exact + vague == 2048 and exact + 48 + math.ceil(vague / 66) <= 512
 
 
 def _layout_request(store, gen, num_vague, num_exact, num_kv_heads=3, head_size=64):
@@ -79,7 +85,7 @@ def _layout_request(store, gen, num_vague, num_exact, num_kv_heads=3, head_size=
         store.encode(vk[h], vv[h], torch.arange(num_vague), torch.zeros(num_vague))
         for h in range(num_kv_heads)
     ])
-    sketch.write_vague_records(cache, table[0], store, records)
+    sketch.write_store_pages(cache, table[0], torch.stack([store.to_pages(r) for r in records]))
     revived = [store.decode(r) for r in records]
     vague_k = torch.stack([r[0] for r in revived])
     vague_v = torch.stack([r[1] for r in revived])
@@ -95,7 +101,7 @@ def test_revival_is_one_softmax_over_vague_and_exact_tokens():
     out = torch.empty_like(query)
     sketch.paged_attention_revived(
         out, query, cache, table, torch.tensor([pages]), torch.tensor([pages + num_exact]),
-        torch.tensor([num_vague]), torch.tensor([0, num_queries]), 0.125, True, store,
+        torch.tensor([num_vague]), torch.tensor([0, num_queries]), 0.125, True, store, 0,
     )
     # Reference: float64 over [vague (all visible) | exact (causal)] per query head.
     keys = torch.cat([vk, ek.transpose(0, 1).float()], 1).double()
@@ -111,8 +117,8 @@ def test_revival_is_one_softmax_over_vague_and_exact_tokens():
     # Scores: exact slots and vague records both gained the attention they got.
     _, exact_scores = request_meta(cache, table[0], pages + num_exact)
     torch.testing.assert_close(exact_scores[:, pages:].double(), received[:, num_vague:], atol=1e-4, rtol=1e-4)
-    records = sketch.vague_records(cache, table[0], store, pages, num_vague)
-    vague_scores = torch.stack([store.decode(r)[3] for r in records])
+    pages_now = sketch.store_pages(cache, table[0], pages)
+    vague_scores = torch.stack([store.decode(store.from_pages(p, num_vague))[3] for p in pages_now])
     torch.testing.assert_close(vague_scores.double(), received[:, :num_vague], atol=1e-4, rtol=1e-4)
 
 
@@ -128,10 +134,10 @@ def test_compaction_demotes_exactly_the_dropped_tokens():
     scores[blocks, :, offsets] = torch.rand(num_exact, 3, generator=gen)
     kept = torch.stack([torch.sort(torch.randperm(num_exact, generator=gen)[:10]).values for _ in range(3)])
     # Keep every record (6 old + 20 demoted): a pure demotion, no eviction.
-    sketch.compact_into_store(cache, table[0], pages, pages + num_exact, num_vague, kept, 26, store)
+    sketch.compact_into_store(cache, table[0], pages, pages + num_exact, num_vague, kept, 26, store, 0)
 
     new_pages = store.slots_for(26)
-    records = sketch.vague_records(cache, table[0], store, new_pages, 26)
+    records = [store.from_pages(p, 26) for p in sketch.store_pages(cache, table[0], new_pages)]
     exact_now = sketch.slot_range(cache, table[0], new_pages, new_pages + 10)
     for h in range(3):
         demoted = torch.ones(num_exact, dtype=torch.bool)
@@ -158,8 +164,47 @@ def test_compaction_evicts_the_lowest_scored_records():
     kept = torch.arange(8, 12)[None]  # keep the last 4 exact
     # 9 old records (score 0) + 8 demoted (scores 1..8); room for 10: the 8 demoted
     # and 2 of the old survive.
-    sketch.compact_into_store(cache, table[0], pages, pages + 12, 9, kept, 10, store)
-    records = sketch.vague_records(cache, table[0], store, store.slots_for(10), 10)
-    _, _, pos, _ = store.decode(records[0])
+    sketch.compact_into_store(cache, table[0], pages, pages + 12, 9, kept, 10, store, 0)
+    page = sketch.store_pages(cache, table[0], store.slots_for(10))[0]
+    _, _, pos, _ = store.decode(store.from_pages(page, 10))
     assert sorted(pos.tolist())[2:] == list(range(100, 108))  # all demoted tokens
     assert sum(p < 9 for p in pos.tolist()) == 2  # and the best 2 of the old records
+
+
+def test_count_sketch_sums_signed_tokens_and_revives_by_mean():
+    gen = torch.Generator().manual_seed(3)
+    slot_bytes = sketch.slot_width(64, torch.float32) * 4  # float32 sums, exact to compare
+    store = CountSketchStore(64, 3, 8, slot_bytes, torch.float32)
+    empty = torch.zeros(0, slot_bytes, dtype=torch.uint8)
+    keys, values = torch.randn(20, 64, generator=gen), torch.randn(20, 64, generator=gen)
+    positions = torch.randperm(1000, generator=gen)[:20]
+    pages = store.absorb(empty, 0, keys, values, positions, torch.zeros(20), 20, seed=11)
+    assert pages.shape == (24 + 1, slot_bytes)  # 24 buckets + one slot of positions
+    idx, sign = store.hashes(positions, 11)
+    assert set(sign.unique().tolist()) <= {-1.0, 1.0} and int(idx.max()) < 8
+    bucket_k, bucket_v = store.bucket_sums(pages)
+    for r in range(3):
+        for b in range(8):
+            members = idx[r] == b
+            want = (sign[r, members, None] * keys[members]).sum(0)
+            torch.testing.assert_close(bucket_k[r, b], want, atol=1e-5, rtol=1e-5)
+    revived_k, revived_v = store.revive(pages, 20, seed=11)
+    order = positions.argsort()  # the store keeps positions sorted
+    rows = torch.arange(3)[:, None]
+    want_v = (sign[:, order, None] * bucket_v[rows, idx[:, order]]).mean(0)
+    torch.testing.assert_close(revived_v, want_v)
+    # Bucket-space logits equal logits against the revived keys.
+    q = torch.randn(5, 64, generator=gen)
+    logits = store.bucket_logits(q, bucket_k, positions[order], seed=11)
+    torch.testing.assert_close(logits, q @ revived_k.T, atol=1e-4, rtol=1e-4)
+    # A token alone in all its buckets is revived exactly.
+    lone = store.absorb(empty, 0, keys[:1], values[:1], positions[:1], torch.zeros(1), 1, seed=11)
+    torch.testing.assert_close(store.revive(lone, 1, seed=11)[0], keys[:1])
+
+
+def test_count_sketch_keeps_the_newest_positions_when_full():
+    store = CountSketchStore(64, 2, 4, SLOT_BYTES, torch.bfloat16)
+    keys = torch.randn(100, 64)
+    pages = store.absorb(torch.zeros(0, SLOT_BYTES, dtype=torch.uint8), 0, keys, keys,
+                         torch.arange(100), torch.zeros(100), 70, seed=0)
+    assert store.positions_of(pages, 70).tolist() == list(range(30, 100))

@@ -15,6 +15,7 @@ off, physical slots equal vLLM's positional slots.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,7 +38,7 @@ from kvreviver_vllm import ops, policy
 from kvreviver_vllm.config import KVReviverConfig
 from kvreviver_vllm.kv_cache import KVReviverSpec, kvreviver_spec
 from kvreviver_vllm.sketch import META_BYTES
-from kvreviver_vllm.stores import QuantizedStore
+from kvreviver_vllm.stores import VagueStore, make_store
 
 # Under the "vllm" logger so messages show in vLLM's own log output.
 logger = init_logger(f"vllm.{__name__}")
@@ -48,13 +49,6 @@ BACKEND_NAME = "KVREVIVER"
 # without its config in scope, so the impls (built with the config in scope,
 # before the KV spec is asked for) record them here.
 _SPEC_PARAMS: dict[str, float | int] | None = None
-
-
-def vague_store(config: KVReviverConfig, spec: AttentionSpec) -> QuantizedStore | None:
-    """The variant's vague store for slots of this spec, or None (evict, streaming)."""
-    if config.variant != "quantized":
-        return None
-    return QuantizedStore(spec.head_size, config.bits, spec.state_content_size_bytes)
 
 
 def _remember_spec_params(vllm_config: VllmConfig, config: KVReviverConfig) -> None:
@@ -151,8 +145,10 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             vllm_config.model_config.max_model_len
         )
         self.protected = config.sink + config.recent
-        self.store = vague_store(config, kv_cache_spec)
-        self.tokens_per_slot = self.store.tokens_per_slot if self.store else 0
+        self.store = make_store(
+            config, kv_cache_spec.head_size, kv_cache_spec.state_content_size_bytes,
+            kv_cache_spec.dtype,
+        )
         # (vague tokens, exact tokens) after the last step, by the request's first
         # block id (stable while it runs; prefix caching is off when compressing).
         self.state: dict[int, tuple[int, int]] = {}
@@ -198,7 +194,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             if used + next_tokens > self.spec.limit_tokens(logical):
                 num_exact, num_vague = policy.split_budget(
                     self.spec.budget_tokens(logical), num_exact, num_vague,
-                    self.protected, self.tokens_per_slot,
+                    self.protected, self.store,
                 )
                 compactions.append((row, num_exact, num_vague))
             self.state[first] = (num_vague, num_exact)
@@ -271,7 +267,10 @@ class KVReviverAttentionImpl(AttentionImpl):
         vllm_config = get_current_vllm_config()
         self.config = KVReviverConfig.from_vllm_config(vllm_config)
         _remember_spec_params(vllm_config, self.config)
-        self.store: QuantizedStore | None = None  # set on first forward, from the cache's slot size
+        # Set on the first forward, from the cache's slot size and the layer's name.
+        self.bound = False
+        self.store: VagueStore | None = None
+        self.layer_seed = 0
         # Read by tests (through collective_rpc) to prove this impl ran.
         self.num_forward_calls = 0
         self.num_compactions = 0
@@ -304,11 +303,13 @@ class KVReviverAttentionImpl(AttentionImpl):
         md = attn_metadata
         num_tokens = md.num_actual_tokens
         ops.write_kv(kv_cache, key[:num_tokens], value[:num_tokens], md.slot_mapping, md.positions)
+        if not self.bound:
+            self._bind(layer, kv_cache)
         if md.vague_tokens.any():
             ops.paged_attention_revived(
                 output[:num_tokens], query[:num_tokens], kv_cache, md.block_table,
                 md.exact_start, md.seq_lens, md.vague_tokens, md.query_start_loc,
-                self.scale, md.accumulate_scores, self._store(kv_cache),
+                self.scale, md.accumulate_scores, self.store, self.layer_seed,
             )
         else:
             ops.paged_attention(
@@ -325,11 +326,12 @@ class KVReviverAttentionImpl(AttentionImpl):
             self._compact(kv_cache, md, row, keep_exact, keep_vague)
         return output
 
-    def _store(self, kv_cache: torch.Tensor) -> QuantizedStore:
-        if self.store is None:
-            slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
-            self.store = QuantizedStore(self.head_size, self.config.bits, slot_bytes)
-        return self.store
+    def _bind(self, layer: AttentionLayer, kv_cache: torch.Tensor) -> None:
+        """Build the variant's store for this cache; seed its hashes by layer name."""
+        slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
+        self.store = make_store(self.config, self.head_size, slot_bytes, kv_cache.dtype)
+        self.layer_seed = zlib.crc32(layer.layer_name.encode())
+        self.bound = True
 
     def _select(self, scores: torch.Tensor, keep_exact: int) -> torch.Tensor:
         """Exact slots ``[Hkv, keep_exact]`` to keep, out of the scored exact range."""
@@ -343,10 +345,10 @@ class KVReviverAttentionImpl(AttentionImpl):
         block_row = md.block_table[row]
         start, end = int(md.exact_start[row]), int(md.seq_lens[row])
         kept = self._select(ops.request_scores(kv_cache, block_row, end)[:, start:], keep_exact)
-        if self.config.variant == "quantized":
+        if self.store is not None:
             ops.compact_into_store(
                 kv_cache, block_row, start, end, int(md.vague_tokens[row]), kept, keep_vague,
-                self._store(kv_cache),
+                self.store, self.layer_seed,
             )
         else:
             ops.compact(kv_cache, block_row, kept)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvreviver_vllm.stores.base import VagueStore
+
 
 @dataclass(frozen=True)
-class QuantizedStore:
+class QuantizedStore(VagueStore):
     head_size: int
     bits: int
     slot_bytes: int
@@ -46,6 +48,9 @@ class QuantizedStore:
 
     def slots_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.tokens_per_slot)
+
+    def capacity(self, num_slots: int) -> int:
+        return max(0, num_slots) * self.tokens_per_slot
 
     # -- quantization ---------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,3 +123,24 @@ class QuantizedStore:
         tps = self.tokens_per_slot
         used = pages[:, : tps * self.record_bytes].reshape(-1, self.record_bytes)
         return used[:num_tokens]
+
+    # -- VagueStore -----------------------------------------------------------
+    def revive(self, pages: torch.Tensor, num_tokens: int, seed: int):
+        keys, values, _, _ = self.decode(self.from_pages(pages, num_tokens))
+        return keys, values
+
+    def add_attention(self, pages: torch.Tensor, num_tokens: int, received: torch.Tensor):
+        records = self.from_pages(pages, num_tokens)
+        return self.to_pages(self.with_scores(records, self.decode(records)[3] + received))
+
+    def absorb(self, pages, num_tokens, keys, values, positions, scores, keep, seed):
+        """Old records plus the demoted tokens' records; the ``keep`` best-scored
+        survive (importance since the last compaction), stored in position order
+        with their importance reset."""
+        records = torch.cat(
+            [self.from_pages(pages, num_tokens), self.encode(keys, values, positions, scores)]
+        )
+        _, _, rec_positions, rec_scores = self.decode(records)
+        best = rec_scores.topk(keep).indices
+        best = best[rec_positions[best].argsort()]
+        return self.to_pages(self.with_scores(records[best], torch.zeros(keep)))
