@@ -10,9 +10,10 @@ and the attention metadata builder, so the three always agree):
   ``--max-num-batched-tokens`` of them) before the next compaction;
 * the manager allocates ``min(n, limit_tokens(n))`` slots' worth of blocks.
 
-The builder compacts a request whenever its occupancy plus the staging room would
-exceed ``limit_tokens(n)``, back down to ``budget_tokens(n)``; so occupancy plus
-any next step's tokens always fits in the blocks the manager gave it.
+The builder compacts a request back down to ``budget_tokens(n)`` whenever its
+occupancy plus the most tokens its next step can bring (one while decoding, the
+staging room otherwise) would exceed ``limit_tokens(n)``; so occupancy plus the
+next step's tokens always fits in the blocks the manager gave it.
 """
 
 from __future__ import annotations

@@ -165,7 +165,8 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         q_lens = (qsl[1:] - qsl[:-1]).tolist()
         logical_lens = cm.seq_lens[:num_reqs].cpu().tolist()
         block_table = cm.block_table_tensor[:num_reqs]
-        first_blocks = block_table[:, 0].tolist()
+        table_host = block_table.cpu()
+        first_blocks = table_host[:, 0].tolist()
 
         prefilling = (
             cm.is_prefilling[:num_reqs].tolist() if cm.is_prefilling is not None else [True] * num_reqs
@@ -206,7 +207,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         block_size = self.spec.block_size
         slot_mapping = torch.full((cm.num_actual_tokens,), -1, dtype=torch.long)
         slot_mapping[:num_new] = (
-            block_table[token_row, physical // block_size].long().cpu() * block_size
+            table_host[token_row, physical // block_size].long() * block_size
             + physical % block_size
         )
         positions = torch.zeros(cm.num_actual_tokens, dtype=torch.long)
