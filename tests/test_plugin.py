@@ -63,6 +63,8 @@ def test_cpu_selector_honours_kvreviver_and_refuses_what_it_cannot_serve():
         CpuPlatform.get_attn_backend_cls(member, _selector_config(has_sliding_window=True))
     with pytest.raises(ValueError, match="kv_cache_dtype not supported"):
         CpuPlatform.get_attn_backend_cls(member, _selector_config(kv_cache_dtype="fp8"))
+    with pytest.raises(ValueError, match="MLA not supported"):
+        CpuPlatform.get_attn_backend_cls(member, _selector_config(use_mla=True))
 
 
 def _engine_config(model_dir, additional=None, **kwargs):
