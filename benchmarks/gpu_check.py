@@ -1,0 +1,123 @@
+"""CUDA ops against the PyTorch reference, and their timings, on a GPU machine.
+
+Needs only torch (CUDA build) and the extension built in place
+(``benchmarks/gpu_check.sh`` does both); no vLLM, no pytest, no network.
+Writes ``gpu_check.json`` to ``--out``. Exits non-zero if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import kvreviver_vllm._C  # noqa: F401  (registers torch.ops.kvreviver, CPU and CUDA)
+from kvreviver_vllm import sketch
+
+HEADS = [(9, 3), (8, 8), (32, 4)]  # (query heads, KV heads): GQA 3, 1, 8
+
+
+def make_case(num_q, num_kv, head_size, block_size, seq_lens, q_lens, dtype, seed):
+    """A shuffled paged cache filled through the reference write_kv, on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    per_req = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(per_req) + 2
+    order = torch.randperm(num_blocks, generator=gen)
+    width = sketch.slot_width(head_size, dtype)
+    cache = torch.zeros(num_blocks, num_kv, block_size, width, dtype=dtype)
+    table = torch.zeros(len(seq_lens), max(per_req), dtype=torch.int32)
+    used = 0
+    for r, n in enumerate(seq_lens):
+        row = order[used : used + per_req[r]]
+        used += per_req[r]
+        table[r, : len(row)] = row
+        pos = torch.arange(n)
+        slots = row[pos // block_size].long() * block_size + pos % block_size
+        k = torch.randn(n, num_kv, head_size, generator=gen).to(dtype)
+        v = torch.randn(n, num_kv, head_size, generator=gen).to(dtype)
+        sketch.write_kv(cache, k, v, slots, pos)
+    query = torch.randn(sum(q_lens), num_q, head_size, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    return cache, table, torch.tensor(seq_lens, dtype=torch.int32), qsl, query
+
+
+def check_attention(dtype, head_size, block_size, heads, seq_lens, q_lens, seed) -> dict:
+    cache, table, lens, qsl, query = make_case(*heads, head_size, block_size, seq_lens, q_lens, dtype, seed)
+    scale = head_size**-0.5
+    want = torch.empty_like(query)
+    ref_cache = cache.clone()
+    sketch.paged_attention(want, query, ref_cache, table, lens, qsl, scale, True)
+    got = torch.empty_like(query).cuda()
+    gpu_cache = cache.cuda()
+    torch.ops.kvreviver.paged_attention(got, query.cuda(), gpu_cache, table.cuda(), lens.cuda(),
+                                        qsl.cuda(), scale, True)
+    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+    out_err = (got.cpu().float() - want.float()).abs().max().item()
+    _, ref_scores = sketch.slot_meta(ref_cache)
+    _, gpu_scores = sketch.slot_meta(gpu_cache.cpu())
+    score_err = (gpu_scores - ref_scores).abs().max().item()
+    return dict(dtype=str(dtype), head_size=head_size, block_size=block_size, heads=heads,
+                seq_lens=seq_lens, q_lens=q_lens, out_err=out_err, score_err=score_err,
+                ok=out_err <= tol and score_err <= 1e-3)
+
+
+def check_write_kv(dtype, seed) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    key, value = (torch.randn(50, 3, 64, generator=gen).to(dtype) for _ in range(2))
+    slots = torch.randperm(4 * 32, generator=gen)[:50]
+    slots[::7] = -1
+    positions = torch.randint(0, 8192, (50,), generator=gen)
+    want = torch.zeros(4, 3, 32, sketch.slot_width(64, dtype), dtype=dtype)
+    got = want.cuda()
+    sketch.write_kv(want, key, value, slots, positions)
+    torch.ops.kvreviver.write_kv(got, key.cuda(), value.cuda(), slots.cuda(), positions.cuda())
+    return dict(dtype=str(dtype), ok=torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)))
+
+
+def time_decode(batch: int, context: int) -> dict:
+    cache, table, lens, qsl, query = make_case(9, 3, 64, 128, [context] * batch, [1] * batch,
+                                               torch.bfloat16, 0)
+    args = [torch.empty_like(query).cuda(), query.cuda(), cache.cuda(), table.cuda(), lens.cuda(),
+            qsl.cuda(), 0.125, False]
+    for _ in range(5):
+        torch.ops.kvreviver.paged_attention(*args)
+    torch.cuda.synchronize()
+    reps, start = 50, time.perf_counter()
+    for _ in range(reps):
+        torch.ops.kvreviver.paged_attention(*args)
+    torch.cuda.synchronize()
+    return dict(batch=batch, context=context, ms=(time.perf_counter() - start) / reps * 1e3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    checks = [check_write_kv(dt, 1) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    seed = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_size in (64, 128):
+            for block_size in (16, 32, 128):
+                for heads in HEADS:
+                    seed += 1
+                    checks.append(check_attention(dtype, head_size, block_size, heads,
+                                                  [1, 37, 300, 8192], [1, 5, 20, 1], seed))
+    timings = [time_decode(b, c) for b in (1, 16) for c in (2048, 8192)]
+    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  passed=sum(c["ok"] for c in checks), failed=sum(not c["ok"] for c in checks),
+                  checks=checks, decode_timings=timings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(f"{report['passed']} passed, {report['failed']} failed")
+    for t in timings:
+        print(f"decode batch {t['batch']:>2} context {t['context']:>5}: {t['ms']:.3f} ms")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
