@@ -47,11 +47,9 @@ class KVReviverSpec(FullAttentionSpec):
         return False
 
     def budget_tokens(self, num_tokens: int) -> int:
-        if self.budget > 1:
-            kept = int(self.budget)
-        else:
-            kept = max(math.ceil(self.budget * num_tokens), self.floor_tokens)
-        return min(num_tokens, kept)
+        kept = int(self.budget) if self.budget > 1 else math.ceil(self.budget * num_tokens)
+        # Sink + recent are never dropped, whatever the budget says.
+        return min(num_tokens, max(kept, self.floor_tokens))
 
     def limit_tokens(self, num_tokens: int) -> int:
         return round_up(self.budget_tokens(num_tokens) + self.staging_tokens, self.block_size)
