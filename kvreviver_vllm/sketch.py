@@ -68,10 +68,10 @@ def write_kv(
     score[blocks, :, offsets] = 0.0
 
 
-def gather_slots(kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Whole slots ``[Hkv, num_tokens, W]`` of one request's first ``num_tokens`` slots."""
+def slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Whole slots ``[Hkv, end - start, W]`` of one request's slots ``[start, end)``."""
     blocks, offsets = physical_slots(
-        block_row, torch.arange(num_tokens, device=kv_cache.device), kv_cache.shape[2]
+        block_row, torch.arange(start, end, device=kv_cache.device), kv_cache.shape[2]
     )
     return kv_cache[blocks, :, offsets].transpose(0, 1)
 
@@ -81,7 +81,7 @@ def gather_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[Hkv, num_tokens, D]`` of one request's first ``num_tokens`` slots."""
     head_size = head_size_of(kv_cache)
-    slots = gather_slots(kv_cache, block_row, num_tokens)
+    slots = slot_range(kv_cache, block_row, 0, num_tokens)
     return slots[..., :head_size], slots[..., head_size : 2 * head_size]
 
 
@@ -163,14 +163,6 @@ def request_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: i
 #     [0, exact_start)          vague-store pages (records, see stores/quantized.py)
 #     [exact_start, seq_len)    exact slots in position order, this step's last
 # ---------------------------------------------------------------------------
-
-
-def slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Whole slots ``[Hkv, end - start, W]`` of one request's slots ``[start, end)``."""
-    blocks, offsets = physical_slots(
-        block_row, torch.arange(start, end, device=kv_cache.device), kv_cache.shape[2]
-    )
-    return kv_cache[blocks, :, offsets].transpose(0, 1)
 
 
 def write_slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int,
