@@ -50,11 +50,11 @@ def check_attention(dtype, head_size, block_size, heads, seq_lens, q_lens, seed)
     scale = head_size**-0.5
     want = torch.empty_like(query)
     ref_cache = cache.clone()
-    sketch.paged_attention(want, query, ref_cache, table, lens, qsl, scale, True)
+    sketch.paged_attention(want, query, ref_cache, table, lens, qsl, scale, 32)
     got = torch.empty_like(query).cuda()
     gpu_cache = cache.cuda()
     torch.ops.kvreviver.paged_attention(got, query.cuda(), gpu_cache, table.cuda(), lens.cuda(),
-                                        qsl.cuda(), scale, True)
+                                        qsl.cuda(), scale, 32)
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     out_err = (got.cpu().float() - want.float()).abs().max().item()
     _, ref_scores = sketch.slot_meta(ref_cache)

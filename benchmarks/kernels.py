@@ -11,7 +11,7 @@ What it measures, on CPU with torch using every available core:
   vLLM kernel time: vLLM builds it once per step and shares it across all layers.
   vLLM's KV split follows its default (``VLLM_CPU_ATTN_SPLIT_KV``);
 * the cost of score accumulation: the compiled paged attention with
-  ``accumulate_scores=True`` against itself without (every other comparison runs without
+  ``score_window=32`` (the backend's default) against itself without (every other comparison runs without
   it, since neither vLLM nor the timed reference does that work).
 
 Shapes use the default model's geometry (SmolLM2-135M: 9 query / 3 KV heads, head size 64,
@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from kvreviver_vllm import ops, sketch
+from kvreviver_vllm.config import KVReviverConfig
 
 NUM_Q_HEADS = 9
 NUM_KV_HEADS = 3
@@ -57,6 +58,7 @@ HEAD_SIZE = 64
 BLOCK_SIZE = 128
 DTYPE = torch.bfloat16
 SCALE = HEAD_SIZE**-0.5
+SCORE_WINDOW = KVReviverConfig().score_window
 TOLERANCE = 1.6e-2  # bf16 outputs, float32 accumulation (as in tests/test_compiled_ops.py)
 BASELINE = "compiled"
 COLORS = {
@@ -262,9 +264,9 @@ def attention_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str,
 
     compiled = torch.ops.kvreviver.paged_attention
     impls = {
-        "reference": lambda: sketch.paged_attention(outputs["reference"], *args, False),
-        "compiled": lambda: compiled(outputs["compiled"], *args, False),
-        "compiled_scores": lambda: compiled(outputs["compiled_scores"], *args, True),
+        "reference": lambda: sketch.paged_attention(outputs["reference"], *args, 0),
+        "compiled": lambda: compiled(outputs["compiled"], *args, 0),
+        "compiled_scores": lambda: compiled(outputs["compiled_scores"], *args, SCORE_WINDOW),
         "vllm": vllm,
         "vllm_metadata": metadata,
     }
@@ -388,7 +390,7 @@ def print_table(results: list[dict]) -> None:
         print(line(["-" if v is None else fmt(v) for v, (_, _, fmt, _) in zip(values, columns)]))
     print(
         "ms: median per call. x: median of paired per-repeat ratios; ref/ours and vllm/ours "
-        "> 1 mean ours is faster, scores/ours is the cost of accumulate_scores=True.\n"
+        "> 1 mean ours is faster, scores/ours is the cost of score_window=32.\n"
         "vllm md: vLLM's scheduler metadata, built once per step for all layers, "
         "not included in vllm ms."
     )

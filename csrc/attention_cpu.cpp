@@ -1,6 +1,7 @@
-// CPU kernels of the exact part of KVReviver attention: KV write and paged
-// attention over a request's slots. Semantics are those of the PyTorch
-// reference in kvreviver_vllm/sketch.py (write_kv, paged_attention).
+// CPU kernels of KVReviver attention: KV write, paged attention over a
+// request's exact slots, and the same with its quantized vague store revived
+// into the softmax. Semantics are those of the PyTorch reference in
+// kvreviver_vllm/sketch.py (write_kv, paged_attention, paged_attention_revived).
 //
 // Paged cache of one layer: [num_blocks, num_kv_heads, block_size, W]; a token
 // slot holds its key in [0, D), its value in [D, 2D), then 8 metadata bytes:
@@ -9,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -52,13 +54,53 @@ inline void axpy(float* __restrict__ acc, float p,
   for (int64_t i = 0; i < d; ++i) acc[i] += p * static_cast<float>(v[i]);
 }
 
+// A request's quantized vague store (kvreviver_vllm/stores/quantized.py): its
+// first exact_start slots of each KV head hold fixed-size records back to back
+//   [K codes | V codes | K scale, K min, V scale, V min (fp16 per group) |
+//    position int32 | score float32],
+// codes packed little-endian at `bits` bits, asymmetric per group of channels.
+struct QuantizedRecords {
+  const int64_t* exact_start = nullptr;  // [num_reqs]; null: no vague tokens
+  const int64_t* num_tokens = nullptr;   // [num_reqs]
+  int64_t bits = 0, group = 0;
+
+  int64_t code_bytes(int64_t d) const { return d * bits / 8; }
+  int64_t record_bytes(int64_t d) const { return 2 * code_bytes(d) + 8 * (d / group) + 8; }
+};
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// Unpacks `d` codes of `bits` bits from a little-endian bit stream and
+// dequantizes them with per-group (scale, min).
+inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
+                       int64_t d, int64_t bits, int64_t group, float* out) {
+  const uint32_t mask = (1u << bits) - 1;
+  for (int64_t g = 0; g < d / group; ++g) {
+    const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+      const int64_t bit = i * bits;
+      uint32_t word = codes[bit >> 3];
+      if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
+      out[i] = static_cast<float>((word >> (bit & 7)) & mask) * s + m;
+    }
+  }
+}
+
+// Causal attention of each request's query rows over [its revived vague tokens |
+// its exact slots [exact_start, seq_len)] with one softmax (vague tokens are
+// older than every query); the last score_window rows of each request add the
+// attention each token received to its score (slot or record).
 template <typename scalar_t>
 void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
                             const torch::Tensor& kv_cache,
                             const torch::Tensor& block_table,
                             const torch::Tensor& seq_lens,
                             const torch::Tensor& query_start_loc, double scale,
-                            bool accumulate_scores) {
+                            int64_t score_window, const QuantizedRecords& store) {
   const int64_t num_kv_heads = kv_cache.size(1);
   const int64_t block_size = kv_cache.size(2);
   const int64_t head_size = query.size(2);
@@ -72,15 +114,19 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   const int64_t* qsl_p = qsl.data_ptr<int64_t>();
   const int64_t* lens_p = lens.data_ptr<int64_t>();
   const int64_t* table_p = table.data_ptr<int64_t>();
+  auto exact_start = [&](int64_t r) { return store.exact_start ? store.exact_start[r] : 0; };
+  auto num_vague = [&](int64_t r) { return store.num_tokens ? store.num_tokens[r] : 0; };
 
   // Work items: (request, query tile, KV head).
   struct Item {
     int64_t req, row0, rows;
   };
   std::vector<Item> tiles;
-  int64_t max_len = 0;
+  int64_t max_keys = 0, max_vague = 0, max_store_slots = 0;
   for (int64_t r = 0; r < num_reqs; ++r) {
-    max_len = std::max(max_len, lens_p[r]);
+    max_keys = std::max(max_keys, num_vague(r) + lens_p[r] - exact_start(r));
+    max_vague = std::max(max_vague, num_vague(r));
+    max_store_slots = std::max(max_store_slots, exact_start(r));
     for (int64_t row = qsl_p[r]; row < qsl_p[r + 1]; row += kTileRows)
       tiles.push_back({r, row, std::min(kTileRows, qsl_p[r + 1] - row)});
   }
@@ -92,34 +138,49 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   const int64_t q_tok_stride = query.stride(0), q_head_stride = query.stride(1);
   const int64_t o_tok_stride = out.stride(0), o_head_stride = out.stride(1);
   const int64_t slot_stride = kv_cache.size(3);
+  const int64_t slot_bytes = slot_stride * kv_cache.element_size();
   const int64_t head_stride = block_size * slot_stride;
   const int64_t block_stride = num_kv_heads * head_stride;
   const float fscale = static_cast<float>(scale);
+  const int64_t record_bytes = store.bits ? store.record_bytes(head_size) : 0;
+  const int64_t code_bytes = store.bits ? store.code_bytes(head_size) : 0;
 
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_rows = kTileRows * group;
     std::vector<float> qf(max_rows * head_size);
     std::vector<float> acc(max_rows * head_size);
-    std::vector<float> logits(max_rows * std::max<int64_t>(max_len, 1));
+    std::vector<float> logits(max_rows * std::max<int64_t>(max_keys, 1));
     std::vector<int64_t> visible(max_rows);
+    std::vector<float> scored(max_rows);  // 1 where the row adds to scores
+    std::vector<float> inv_sum(max_rows);
+    std::vector<uint8_t> records(max_store_slots * slot_bytes);
+    std::vector<float> vague_k(max_vague * head_size), vague_v(max_vague * head_size);
 
     for (int64_t item = begin; item < end; ++item) {
       const Item& tile = tiles[item / num_kv_heads];
       const int64_t h = item % num_kv_heads;
       const int64_t r = tile.req;
       const int64_t seq_len = lens_p[r];
+      const int64_t first_exact = exact_start(r);
+      const int64_t nv = num_vague(r);
       const int64_t num_queries = qsl_p[r + 1] - qsl_p[r];
       const int64_t rows = tile.rows * group;  // (query row, head) pairs
       const int64_t* blocks = table_p + r * table_width;
+      auto slot_ptr = [&](int64_t s) {
+        return cache + blocks[s / block_size] * block_stride + h * head_stride +
+               (s % block_size) * slot_stride;
+      };
 
-      int64_t span = 0;  // keys any row of the tile sees
+      int64_t span = nv;  // keys (vague, then exact) any row of the tile sees
       for (int64_t t = 0; t < tile.rows; ++t) {
         const int64_t i = tile.row0 + t - qsl_p[r];
-        const int64_t vis = seq_len - num_queries + i + 1;
+        const int64_t vis = nv + seq_len - first_exact - num_queries + i + 1;
         span = std::max(span, vis);
+        const float in_window = i >= num_queries - score_window ? 1.f : 0.f;
         for (int64_t g = 0; g < group; ++g) {
           const int64_t row = t * group + g;
           visible[row] = vis;
+          scored[row] = in_window;
           const scalar_t* q = q_base + (tile.row0 + t) * q_tok_stride +
                               (h * group + g) * q_head_stride;
           for (int64_t d = 0; d < head_size; ++d)
@@ -127,54 +188,84 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         }
       }
 
-      // Logits, one cache block at a time.
-      for (int64_t j0 = 0; j0 < span; j0 += block_size) {
-        const scalar_t* blk = cache + blocks[j0 / block_size] * block_stride +
-                              h * head_stride;
-        const int64_t n = std::min(block_size, span - j0);
+      // Revive the vague tokens: the store's slots as one byte stream, then
+      // each record dequantized (kept in this tile's scratch only).
+      for (int64_t s = 0; s < first_exact && nv > 0; ++s)
+        std::memcpy(&records[s * slot_bytes], slot_ptr(s), slot_bytes);
+      for (int64_t j = 0; j < nv; ++j) {
+        const uint8_t* rec = &records[j * record_bytes];
+        const uint8_t* params = rec + 2 * code_bytes;
+        const int64_t ng = head_size / store.group;
+        dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
+                   &vague_k[j * head_size]);
+        dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size,
+                   store.bits, store.group, &vague_v[j * head_size]);
+        for (int64_t row = 0; row < rows; ++row)
+          logits[row * span + j] =
+              dot(&qf[row * head_size], &vague_k[j * head_size], head_size) * fscale;
+      }
+
+      // Exact logits, one run of slots within a cache block at a time.
+      for (int64_t s = first_exact; s < first_exact + span - nv;) {
+        const int64_t n = std::min(block_size - s % block_size, first_exact + span - nv - s);
+        const scalar_t* blk = slot_ptr(s);
         for (int64_t o = 0; o < n; ++o) {
           const scalar_t* k = blk + o * slot_stride;
+          const int64_t j = nv + s - first_exact + o;
           for (int64_t row = 0; row < rows; ++row)
-            logits[row * span + j0 + o] =
-                dot(&qf[row * head_size], k, head_size) * fscale;
+            logits[row * span + j] = dot(&qf[row * head_size], k, head_size) * fscale;
         }
+        s += n;
       }
 
       // Softmax per row over its visible keys; weights overwrite logits.
-      std::vector<float> inv_sum(rows);
       for (int64_t row = 0; row < rows; ++row) {
         float* l = &logits[row * span];
         const int64_t vis = visible[row];
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < vis; ++j) m = std::max(m, l[j]);
-        float s = 0.f;
+        float sum = 0.f;
         for (int64_t j = 0; j < vis; ++j) {
           l[j] = std::exp(l[j] - m);
-          s += l[j];
+          sum += l[j];
         }
         for (int64_t j = vis; j < span; ++j) l[j] = 0.f;
-        inv_sum[row] = 1.f / s;
+        inv_sum[row] = 1.f / sum;
       }
 
       std::fill(acc.begin(), acc.begin() + rows * head_size, 0.f);
-      for (int64_t j0 = 0; j0 < span; j0 += block_size) {
-        scalar_t* blk = cache + blocks[j0 / block_size] * block_stride +
-                        h * head_stride;
-        const int64_t n = std::min(block_size, span - j0);
+      // Adds key j's weights to the outputs; returns the attention it received
+      // from the scoring rows.
+      auto accumulate = [&](int64_t j, const auto* v) {
+        float received = 0.f;
+        for (int64_t row = 0; row < rows; ++row) {
+          const float p = logits[row * span + j];
+          if (p != 0.f) axpy(&acc[row * head_size], p, v, head_size);
+          received += p * inv_sum[row] * scored[row];
+        }
+        return received;
+      };
+      for (int64_t j = 0; j < nv; ++j) {
+        const float received = accumulate(j, &vague_v[j * head_size]);
+        if (received == 0.f) continue;
+        // The record's score field: 4-byte aligned, so never split across slots.
+        const int64_t at = j * record_bytes + record_bytes - 4;
+        auto* field = reinterpret_cast<float*>(
+            reinterpret_cast<uint8_t*>(slot_ptr(at / slot_bytes)) + at % slot_bytes);
+        std::atomic_ref<float>(*field).fetch_add(received, std::memory_order_relaxed);
+      }
+      for (int64_t s = first_exact; s < first_exact + span - nv;) {
+        const int64_t n = std::min(block_size - s % block_size, first_exact + span - nv - s);
+        scalar_t* blk = slot_ptr(s);
         for (int64_t o = 0; o < n; ++o) {
-          const scalar_t* v = blk + o * slot_stride + head_size;
-          float received = 0.f;
-          for (int64_t row = 0; row < rows; ++row) {
-            const float p = logits[row * span + j0 + o];
-            if (p != 0.f) axpy(&acc[row * head_size], p, v, head_size);
-            received += p * inv_sum[row];
-          }
-          if (accumulate_scores && received != 0.f) {
+          const float received = accumulate(nv + s - first_exact + o, blk + o * slot_stride + head_size);
+          if (received != 0.f) {
             // Other query tiles of this request may add to the same slot.
             std::atomic_ref<float>(*slot_score(blk + o * slot_stride, head_size))
                 .fetch_add(received, std::memory_order_relaxed);
           }
         }
+        s += n;
       }
 
       for (int64_t t = 0; t < tile.rows; ++t)
@@ -220,7 +311,7 @@ void paged_attention_cpu(torch::Tensor out, const torch::Tensor& query,
                          const torch::Tensor& block_table,
                          const torch::Tensor& seq_lens,
                          const torch::Tensor& query_start_loc, double scale,
-                         bool accumulate_scores) {
+                         int64_t score_window) {
   check_attention_args(out, query, kv_cache, block_table, seq_lens,
                        query_start_loc);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -228,7 +319,44 @@ void paged_attention_cpu(torch::Tensor out, const torch::Tensor& query,
       "kvreviver_paged_attention", [&] {
         paged_attention_kernel<scalar_t>(out, query, kv_cache, block_table,
                                          seq_lens, query_start_loc, scale,
-                                         accumulate_scores);
+                                         score_window, QuantizedRecords{});
+      });
+}
+
+void paged_attention_quantized_cpu(
+    torch::Tensor out, const torch::Tensor& query, const torch::Tensor& kv_cache,
+    const torch::Tensor& block_table, const torch::Tensor& exact_start,
+    const torch::Tensor& seq_lens, const torch::Tensor& vague_tokens,
+    const torch::Tensor& query_start_loc, double scale, int64_t score_window,
+    int64_t bits, int64_t group) {
+  check_attention_args(out, query, kv_cache, block_table, seq_lens,
+                       query_start_loc);
+  const int64_t d = query.size(2);
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
+              "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
+  TORCH_CHECK(group > 0 && d % group == 0, "group=", group,
+              " must divide the head size ", d);
+  TORCH_CHECK(exact_start.numel() == seq_lens.numel() &&
+                  vague_tokens.numel() == seq_lens.numel(),
+              "exact_start and vague_tokens need one entry per request");
+  const auto starts = exact_start.to(torch::kInt64).contiguous();
+  const auto counts = vague_tokens.to(torch::kInt64).contiguous();
+  QuantizedRecords store{starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), bits, group};
+  const int64_t slot_bytes = kv_cache.size(3) * kv_cache.element_size();
+  TORCH_CHECK(store.record_bytes(d) % 4 == 0 && slot_bytes % 4 == 0,
+              "records and slots must be whole 4-byte words");
+  const int64_t* s = store.exact_start;
+  const int64_t* n = store.num_tokens;
+  for (int64_t r = 0; r < seq_lens.numel(); ++r)
+    TORCH_CHECK(n[r] * store.record_bytes(d) <= s[r] * slot_bytes,
+                "request ", r, ": ", n[r], " vague tokens do not fit in its ", s[r],
+                " store slots");
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::BFloat16, at::ScalarType::Half, query.scalar_type(),
+      "kvreviver_paged_attention_quantized", [&] {
+        paged_attention_kernel<scalar_t>(out, query, kv_cache, block_table,
+                                         seq_lens, query_start_loc, scale,
+                                         score_window, store);
       });
 }
 
@@ -283,6 +411,7 @@ void write_kv_cpu(torch::Tensor kv_cache, const torch::Tensor& key,
 
 TORCH_LIBRARY_IMPL(kvreviver, CPU, m) {
   m.impl("paged_attention", &paged_attention_cpu);
+  m.impl("paged_attention_quantized", &paged_attention_quantized_cpu);
   m.impl("write_kv", &write_kv_cpu);
 }
 

@@ -11,11 +11,19 @@ TORCH_LIBRARY(kvreviver, m) {
       "write_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, "
       "Tensor slot_mapping, Tensor positions) -> ()");
   // Causal attention of each request's query rows over its first seq_lens
-  // slots; optionally adds the attention each slot received to its score.
+  // slots; the last score_window query rows of each request add the attention
+  // each slot received to its score (0: none).
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor(b!) kv_cache, "
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, "
-      "float scale, bool accumulate_scores) -> ()");
+      "float scale, int score_window) -> ()");
+  // paged_attention over [vague tokens revived from the request's quantized
+  // store (its first exact_start slots) | exact slots [exact_start, seq_len)],
+  // one softmax; scores of records and slots grow as in paged_attention.
+  m.def(
+      "paged_attention_quantized(Tensor(a!) out, Tensor query, Tensor(b!) kv_cache, "
+      "Tensor block_table, Tensor exact_start, Tensor seq_lens, Tensor vague_tokens, "
+      "Tensor query_start_loc, float scale, int score_window, int bits, int group) -> ()");
 }
 
 // `import kvreviver_vllm._C` loads this library, which runs the registrations.

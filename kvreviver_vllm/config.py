@@ -43,8 +43,16 @@ class KVReviverConfig:
     """First tokens of every request always kept exact (attention sinks)."""
     recent: int = 64
     """Most recent tokens always kept exact (sliding window)."""
+    score_window: int = 32
+    """Last query rows of each step whose attention scores the cached tokens
+    (SnapKV's observation window). A decode step has one row, so every decode
+    step scores."""
     bits: int = 4
     """Bit width of the quantized vague store."""
+    candidates: bool = True
+    """Keep the best-scored older tokens exact (the Candidate part) as the budget
+    allows. False: only sink + recent stay exact and every other token goes to
+    the vague store, i.e. uniform low-bit quantization at the budget's memory."""
     sketch_rows: int = 3
     """Rows (independent hashes) of the Count Sketch variant."""
     sketch_buckets: int = 64
@@ -61,10 +69,15 @@ class KVReviverConfig:
             )
         _check_int("sink", self.sink, 0, 1024)
         _check_int("recent", self.recent, 1, 8192)
+        _check_int("score_window", self.score_window, 1, 8192)
         if isinstance(self.bits, bool) or self.bits not in QUANT_BITS:
             raise KVReviverConfigError(
                 f"kvreviver.bits={self.bits!r} is not supported: allowed values are "
                 f"{', '.join(map(str, QUANT_BITS))}"
+            )
+        if not isinstance(self.candidates, bool):
+            raise KVReviverConfigError(
+                f"kvreviver.candidates={self.candidates!r} is not a boolean: expected true or false"
             )
         _check_int("sketch_rows", self.sketch_rows, 1, 16)
         _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
@@ -146,6 +159,14 @@ def _parse_env_value(name: str, raw: str) -> Any:
     raw = raw.strip()
     if name == "variant":
         return raw
+    if name == "candidates":
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+        raise KVReviverConfigError(
+            f"{ENV_PREFIX}CANDIDATES={raw!r} is not a boolean: expected true or false"
+        )
     try:
         number = float(raw)
     except ValueError:

@@ -10,10 +10,12 @@ and the attention metadata builder, so the three always agree):
   ``--max-num-batched-tokens`` of them) before the next compaction;
 * the manager allocates ``min(n, limit_tokens(n))`` slots' worth of blocks.
 
-The builder compacts a request back down to ``budget_tokens(n)`` whenever its
-occupancy plus the most tokens its next step can bring (one while decoding, the
-staging room otherwise) would exceed ``limit_tokens(n)``; so occupancy plus the
-next step's tokens always fits in the blocks the manager gave it.
+The builder compacts a request whenever its occupancy plus the most tokens its
+next step can bring (one while decoding, the staging room ``s`` otherwise) would
+exceed ``limit_tokens(n)``: a decoding request down to ``budget_tokens(n)``, a
+prompt chunk down to ``budget_tokens(n + s)``. Since a budget grows by at most
+one slot per token, occupancy plus the next step's ``q <= s`` tokens then fits
+in the ``held_tokens(n + q)`` slots the manager gives it.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from vllm.logger import init_logger
 
 from kvreviver_vllm import sketch
+from kvreviver_vllm.stores import QuantizedStore
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -51,9 +52,26 @@ def _dispatch(name: str) -> Callable:
 
 write_kv = _dispatch("write_kv")
 paged_attention = _dispatch("paged_attention")
+
+
+def paged_attention_revived(out, query, kv_cache, block_table, exact_start, seq_lens,
+                            vague_tokens, query_start_loc, scale, score_window, store,
+                            layer_seed) -> None:
+    """:func:`sketch.paged_attention_revived`; compiled for the quantized store."""
+    if implementation() == COMPILED and isinstance(store, QuantizedStore):
+        torch.ops.kvreviver.paged_attention_quantized(
+            out, query, kv_cache, block_table, exact_start, seq_lens, vague_tokens,
+            query_start_loc, scale, score_window, store.bits, store.group,
+        )
+    else:
+        sketch.paged_attention_revived(
+            out, query, kv_cache, block_table, exact_start, seq_lens, vague_tokens,
+            query_start_loc, scale, score_window, store, layer_seed,
+        )
+
+
 # No compiled kernels yet for these: compaction runs once per request every few
-# hundred tokens; revival (attention over a vague store) is reference-only for now.
+# hundred tokens (or once per prompt chunk).
 compact = sketch.compact
 compact_into_store = sketch.compact_into_store
-paged_attention_revived = sketch.paged_attention_revived
 request_scores = sketch.request_scores

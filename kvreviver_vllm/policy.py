@@ -55,22 +55,25 @@ def select_kept(
 
 
 def split_budget(
-    budget_slots: int, exact: int, vague: int, protected: int, store: VagueStore | None
+    budget_slots: int, exact: int, vague: int, protected: int, store: VagueStore | None,
+    candidates: bool = True,
 ) -> tuple[int, int]:
     """``(exact kept, vague kept)`` for a compaction to ``budget_slots`` slots.
 
     ``exact`` tokens are now exact and ``vague`` are in the store; ``protected``
     (sink + recent) stay exact. Without a store the budget is all exact. With
-    one, every token stays (exact or vague) if it can, with as many exact as fit;
-    otherwise only sink + recent stay exact and the store keeps what fits, the
-    rest being evicted.
+    one, every token stays (exact or vague) if it can, with as many exact as fit
+    (only the protected ones without ``candidates``); otherwise only sink +
+    recent stay exact and the store keeps what fits, the rest being evicted.
     """
     if store is None:
         return min(budget_slots, exact), 0
-    if exact + store.slots_for(vague) <= budget_slots:
-        return exact, vague
     total = exact + vague
     protected = min(protected, exact)
+    if not candidates:
+        return protected, min(total - protected, store.capacity(budget_slots - protected))
+    if exact + store.slots_for(vague) <= budget_slots:
+        return exact, vague
     # Largest number of exact tokens whose remainder fits in the store.
     for keep_exact in range(min(exact, budget_slots), protected - 1, -1):
         if keep_exact + store.slots_for(total - keep_exact) <= budget_slots:

@@ -93,7 +93,7 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
-    accumulate_scores: bool,
+    score_window: int,
 ) -> None:
     """Causal attention of each request's queries over its first ``seq_lens`` slots.
 
@@ -101,8 +101,9 @@ def paged_attention(
     ``query_start_loc[r]:query_start_loc[r+1]``. Query row ``i`` of a request with
     ``n`` queries sees slots ``[0, seq_len - n + i]``. GQA: query head ``h`` reads
     KV head ``h // (Hq // Hkv)``. Softmax and accumulation are in float32.
-    With ``accumulate_scores``, each slot's score grows by the attention
-    probability it received, summed over query rows and the heads of its group.
+    Each slot's score grows by the attention probability it received from the
+    last ``score_window`` query rows of the request (SnapKV's observation
+    window; 0 scores nothing), summed over those rows and its group's heads.
     """
     num_kv_heads = kv_cache.shape[1]
     group = query.shape[1] // num_kv_heads
@@ -124,12 +125,20 @@ def paged_attention(
         logits = logits.masked_fill(cols > rows + (seq_len - num_queries), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         out[q0:q1] = (probs @ values).transpose(0, 1).to(out.dtype)
-        if accumulate_scores:
-            received = probs.sum(dim=1).view(num_kv_heads, group, seq_len).sum(dim=1)
+        if score_window > 0:
+            received = window_mass(probs, score_window, num_kv_heads)
             blocks, offsets = physical_slots(
                 block_table[r], torch.arange(seq_len, device=q.device), kv_cache.shape[2]
             )
             score[blocks, :, offsets] += received.transpose(0, 1)
+
+
+def window_mass(probs: torch.Tensor, score_window: int, num_kv_heads: int) -> torch.Tensor:
+    """Attention ``[Hkv, L]`` each key received from the last ``score_window``
+    query rows of ``probs [Hq, n, L]``, summed over rows and each GQA group."""
+    num_q_heads, _, num_keys = probs.shape
+    received = probs[:, -score_window:].sum(dim=1)
+    return received.view(num_kv_heads, num_q_heads // num_kv_heads, num_keys).sum(dim=1)
 
 
 def compact(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: torch.Tensor) -> None:
@@ -200,15 +209,16 @@ def paged_attention_revived(
     vague_tokens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
-    accumulate_scores: bool,
+    score_window: int,
     store,
     layer_seed: int,
 ) -> None:
     """One softmax per query over the request's revived vague tokens
     (reconstructed by ``store`` from its pages; all older than every query of the
     step) and its exact slots ``[exact_start, seq_len)`` (causal as in
-    :func:`paged_attention`). With ``accumulate_scores`` exact slots, and vague
-    tokens where the store keeps importance, gain the attention they received."""
+    :func:`paged_attention`). Exact slots, and vague tokens where the store
+    keeps importance, gain the attention they received from the last
+    ``score_window`` query rows."""
     num_kv_heads = kv_cache.shape[1]
     group = query.shape[1] // num_kv_heads
     head_size = head_size_of(kv_cache)
@@ -236,9 +246,9 @@ def paged_attention_revived(
         logits = logits.masked_fill(cols > rows + (num_exact - n), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         out[q0:q1] = (probs @ values).transpose(0, 1).to(out.dtype)
-        if not accumulate_scores:
+        if score_window <= 0:
             continue
-        received = probs.sum(dim=1).view(num_kv_heads, group, -1).sum(dim=1)
+        received = window_mass(probs, score_window, num_kv_heads)
         blocks, offsets = physical_slots(
             block_table[r], torch.arange(p, end, device=q.device), kv_cache.shape[2]
         )

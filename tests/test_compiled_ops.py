@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvreviver_vllm import ops, sketch
+from kvreviver_vllm.stores import QuantizedStore
 from test_reference_ops import build_cache, request_meta
 
 pytestmark = pytest.mark.skipif(
@@ -33,6 +34,7 @@ def test_paged_attention_matches_reference(data, gqa, num_kv_heads, head_size, b
     num_reqs = data.draw(st.integers(1, 5))
     seq_lens = data.draw(st.lists(st.integers(1, 400), min_size=num_reqs, max_size=num_reqs))
     q_lens = [data.draw(st.integers(1, min(n, 20))) for n in seq_lens]
+    score_window = data.draw(st.sampled_from([0, 1, 4, 32]))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     cache, table, _, _ = build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen)
     query = torch.randn(sum(q_lens), gqa * num_kv_heads, head_size, generator=gen).to(dtype)
@@ -40,8 +42,9 @@ def test_paged_attention_matches_reference(data, gqa, num_kv_heads, head_size, b
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     want, got = torch.empty_like(query), torch.empty_like(query)
     ref_cache = cache.clone()
-    sketch.paged_attention(want, query, ref_cache, table, lens, qsl, head_size**-0.5, True)
-    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, head_size**-0.5, True)
+    scale = head_size**-0.5
+    sketch.paged_attention(want, query, ref_cache, table, lens, qsl, scale, score_window)
+    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, scale, score_window)
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     for r, n in enumerate(seq_lens):
@@ -58,8 +61,8 @@ def test_paged_attention_long_and_single_token_context(seq_len):
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
     lens = torch.tensor([seq_len, 5], dtype=torch.int32)
     want, got = torch.empty_like(query), torch.empty_like(query)
-    sketch.paged_attention(want, query, cache, table, lens, qsl, 0.125, False)
-    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, 0.125, False)
+    sketch.paged_attention(want, query, cache, table, lens, qsl, 0.125, 0)
+    torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, 0.125, 0)
     torch.testing.assert_close(got, want, atol=1.6e-2, rtol=1.6e-2)
     for r, n in enumerate([seq_len, 5]):
         assert not request_meta(cache, table[r], n)[1].any()  # scores untouched
@@ -85,3 +88,76 @@ def test_write_kv_rejects_out_of_range_slot():
     one = torch.ones(1, 1, 4)
     with pytest.raises(RuntimeError, match=r"slot 32 is out of range \[0, 32\)"):
         torch.ops.kvreviver.write_kv(cache, one, one, torch.tensor([32]), torch.tensor([0]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    data=st.data(),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    gqa=st.sampled_from([1, 3, 8]),
+    num_kv_heads=st.sampled_from([1, 3]),
+    head_size=st.sampled_from([64, 128]),
+    block_size=st.sampled_from([16, 32, 128]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_paged_attention_quantized_matches_reference(
+    data, bits, gqa, num_kv_heads, head_size, block_size, dtype
+):
+    num_reqs = data.draw(st.integers(1, 4))
+    vague = data.draw(st.lists(st.integers(0, 300), min_size=num_reqs, max_size=num_reqs))
+    exact = data.draw(st.lists(st.integers(1, 200), min_size=num_reqs, max_size=num_reqs))
+    q_lens = [data.draw(st.integers(1, min(n, 20))) for n in exact]
+    score_window = data.draw(st.sampled_from([0, 1, 4, 32]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
+    store = QuantizedStore(head_size, bits, slot_bytes)
+    pages = [store.slots_for(n) for n in vague]
+    cache, table, _, _ = build_cache(
+        [p + e for p, e in zip(pages, exact)], num_kv_heads, head_size, block_size, dtype, gen
+    )
+    for r, n in enumerate(vague):
+        if n:
+            records = [
+                store.encode(torch.randn(n, head_size, generator=gen),
+                             torch.randn(n, head_size, generator=gen),
+                             torch.arange(n), torch.rand(n, generator=gen))
+                for _ in range(num_kv_heads)
+            ]
+            sketch.write_store_pages(cache, table[r], torch.stack([store.to_pages(x) for x in records]))
+    query = torch.randn(sum(q_lens), gqa * num_kv_heads, head_size, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    starts = torch.tensor(pages, dtype=torch.int32)
+    lens = starts + torch.tensor(exact, dtype=torch.int32)
+    num_vague = torch.tensor(vague, dtype=torch.int32)
+    scale = head_size**-0.5
+    want, got = torch.empty_like(query), torch.empty_like(query)
+    ref_cache = cache.clone()
+    sketch.paged_attention_revived(
+        want, query, ref_cache, table, starts, lens, num_vague, qsl, scale, score_window, store, 0
+    )
+    torch.ops.kvreviver.paged_attention_quantized(
+        got, query, cache, table, starts, lens, num_vague, qsl, scale, score_window, bits, store.group
+    )
+    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for r, (p, e, n) in enumerate(zip(pages, exact, vague)):
+        _, want_scores = request_meta(ref_cache, table[r], p + e)
+        _, got_scores = request_meta(cache, table[r], p + e)
+        torch.testing.assert_close(got_scores[:, p:], want_scores[:, p:], atol=1e-4, rtol=1e-4)
+        if n:
+            def record_scores(c):
+                return torch.stack([store.decode(store.from_pages(x, n))[3]
+                                    for x in sketch.store_pages(c, table[r], p)])
+            torch.testing.assert_close(record_scores(cache), record_scores(ref_cache), atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_attention_rejects_an_overfull_store():
+    store = QuantizedStore(64, 4, sketch.slot_width(64, torch.float32) * 4)
+    cache = torch.zeros(2, 1, 16, sketch.slot_width(64, torch.float32))
+    query = torch.zeros(1, 1, 64)
+    with pytest.raises(RuntimeError, match=r"request 0: 100 vague tokens do not fit in its 2 store slots"):
+        torch.ops.kvreviver.paged_attention_quantized(
+            torch.empty_like(query), query, cache, torch.tensor([[0, 1]], dtype=torch.int32),
+            torch.tensor([2]), torch.tensor([3]), torch.tensor([100]), torch.tensor([0, 1]),
+            0.125, 1, 4, store.group,
+        )

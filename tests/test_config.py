@@ -47,6 +47,8 @@ def test_unknown_key_lists_allowed_keys():
         ({"bits": 5}, "kvreviver.bits=5 is not supported: allowed values are 2, 3, 4, 8"),
         ({"sketch_rows": 0}, "kvreviver.sketch_rows=0 is out of range"),
         ({"sketch_buckets": 10**6}, "kvreviver.sketch_buckets=1000000 is out of range"),
+        ({"score_window": 0}, "kvreviver.score_window=0 is out of range: expected an integer in [1, 8192]"),
+        ({"candidates": "no"}, "kvreviver.candidates='no' is not a boolean"),
     ],
 )
 def test_other_bad_values(section, message):
@@ -78,6 +80,9 @@ def test_environment_fallback_and_precedence():
     # additional_config wins over the environment.
     cfg = KVReviverConfig.from_sources({"kvreviver": {"sink": 2}}, env)
     assert (cfg.budget, cfg.sink) == (0.25, 2)
+    assert KVReviverConfig.from_sources({}, {"KVREVIVER_CANDIDATES": "false"}).candidates is False
+    with pytest.raises(KVReviverConfigError, match="KVREVIVER_CANDIDATES='maybe' is not a boolean"):
+        KVReviverConfig.from_sources({}, {"KVREVIVER_CANDIDATES": "maybe"})
     with pytest.raises(KVReviverConfigError, match="KVREVIVER_RECENT='many' is not a number"):
         KVReviverConfig.from_sources({}, {"KVREVIVER_RECENT": "many"})
     with pytest.raises(KVReviverConfigError, match="kvreviver.budget=0.0 is out of range"):

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from kvreviver_vllm import sketch
 
 
-def naive_attention(query, keys, values, scale, seq_len, num_queries):
+def naive_attention(query, keys, values, scale, seq_len, num_queries, score_window=None):
     """float64, one query row and one head at a time. Returns the output and the
-    attention each key received, summed over query rows and the GQA group."""
+    attention each key received from the last ``score_window`` query rows (all
+    by default), summed over those rows and the GQA group."""
+    window = num_queries if score_window is None else score_window
     hq, hkv = query.shape[1], keys.shape[1]
     out = torch.zeros(query.shape, dtype=torch.float64)
     received = torch.zeros(hkv, seq_len, dtype=torch.float64)
@@ -26,7 +28,8 @@ def naive_attention(query, keys, values, scale, seq_len, num_queries):
             v = values[:visible, kvh].double()
             probs = torch.softmax((k @ query[i, h].double()) * scale, 0)
             out[i, h] = probs @ v
-            received[kvh, :visible] += probs
+            if i >= num_queries - window:
+                received[kvh, :visible] += probs
     return out, received
 
 
@@ -66,6 +69,7 @@ def test_paged_attention_matches_naive(data, gqa, num_kv_heads, head_size, block
     num_reqs = data.draw(st.integers(1, 4))
     seq_lens = data.draw(st.lists(st.integers(1, 300), min_size=num_reqs, max_size=num_reqs))
     q_lens = [data.draw(st.integers(1, n)) for n in seq_lens]
+    score_window = data.draw(st.sampled_from([0, 1, 4, 32]))
     seed = data.draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     cache, table, keys, values = build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen)
@@ -75,12 +79,12 @@ def test_paged_attention_matches_naive(data, gqa, num_kv_heads, head_size, block
     out = torch.empty_like(query)
     scale = head_size**-0.5
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, True)
-    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, True)  # scores add up
+    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, score_window)
+    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, score_window)  # scores add up
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
         rows = slice(int(qsl[r]), int(qsl[r + 1]))
-        want, received = naive_attention(query[rows], keys[r], values[r], scale, n, q)
+        want, received = naive_attention(query[rows], keys[r], values[r], scale, n, q, score_window)
         torch.testing.assert_close(out[rows].double(), want, atol=tol, rtol=tol)
         positions, scores = request_meta(cache, table[r], n)
         assert positions.tolist() == [list(range(n))] * num_kv_heads

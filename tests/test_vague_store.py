@@ -41,14 +41,15 @@ def test_records_round_trip(bits, head_size, n, seed):
     torch.testing.assert_close(v, reference_quantize(values, bits, 32), atol=1e-3, rtol=1e-3)
     assert torch.equal(p, positions.int()) and torch.equal(s, scores)
     pages = store.to_pages(records)
-    assert pages.shape == (math.ceil(n / store.tokens_per_slot), store.slot_bytes)
+    assert pages.shape == (math.ceil(n * store.record_bytes / store.slot_bytes), store.slot_bytes)
     assert torch.equal(store.from_pages(pages, n), records)
 
 
 def test_record_sizes_count_every_byte():
     # D=64: K and V codes, fp16 scale+min per 32-channel group, position, score.
     assert QuantizedStore(64, 4, SLOT_BYTES).record_bytes == 32 + 32 + 16 + 8
-    assert [QuantizedStore(64, b, SLOT_BYTES).tokens_per_slot for b in (2, 3, 4, 8)] == [4, 3, 3, 1]
+    # Records straddle slots: 264-byte bf16 slots hold 4.7, 3.7, 3 and 1.7 tokens.
+    assert [QuantizedStore(64, b, SLOT_BYTES).capacity(10) for b in (2, 3, 4, 8)] == [47, 36, 30, 17]
 
 
 def test_split_budget():
@@ -63,6 +64,9 @@ def test_split_budget():
     assert policy.split_budget(205, 2048, 0, 68, store) == (68, 411)
     # Old vague tokens count too.
     assert policy.split_budget(205, 100, 500, 68, store) == (68, 411)
+    # Without candidates only sink + recent stay exact, even when more would fit.
+    assert policy.split_budget(1024, 2048, 0, 68, store, candidates=False) == (68, 1980)
+    assert policy.split_budget(205, 2048, 0, 68, store, candidates=False) == (68, 411)
     # No store (evict, streaming): the budget is all exact.
     assert policy.split_budget(205, 2048, 0, 68, None) == (205, 0)
     # A sketch costs its buckets first, then 66 positions a slot.
@@ -101,7 +105,7 @@ def test_revival_is_one_softmax_over_vague_and_exact_tokens():
     out = torch.empty_like(query)
     sketch.paged_attention_revived(
         out, query, cache, table, torch.tensor([pages]), torch.tensor([pages + num_exact]),
-        torch.tensor([num_vague]), torch.tensor([0, num_queries]), 0.125, True, store, 0,
+        torch.tensor([num_vague]), torch.tensor([0, num_queries]), 0.125, num_queries, store, 0,
     )
     # Reference: float64 over [vague (all visible) | exact (causal)] per query head.
     keys = torch.cat([vk, ek.transpose(0, 1).float()], 1).double()

@@ -58,7 +58,7 @@ void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
                           torch::Tensor kv_cache, const torch::Tensor& block_table,
                           const torch::Tensor& seq_lens,
                           const torch::Tensor& query_start_loc, double scale,
-                          bool accumulate_scores) {
+                          int64_t score_window) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
               "query and out must both be [tokens, heads, head_size]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1,
@@ -76,7 +76,7 @@ void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
             qsl.data_ptr<int32_t>(), query.size(0), lens.size(0), query.size(1),
             kv_cache.size(1), query.size(2), kv_cache.size(2), kv_cache.size(3),
             table.size(1), query.stride(0), query.stride(1), out.stride(0),
-            out.stride(1), static_cast<float>(scale), accumulate_scores,
+            out.stride(1), static_cast<float>(scale), score_window,
             c10::cuda::getCurrentCUDAStream()),
         "kvreviver::paged_attention");
 }

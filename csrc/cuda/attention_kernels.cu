@@ -74,7 +74,7 @@ __global__ void paged_attention_kernel(
     int64_t num_kv_heads, int64_t block_size, int64_t slot_width,
     int64_t table_width, int64_t q_token_stride, int64_t q_head_stride,
     int64_t out_token_stride, int64_t out_head_stride, float scale,
-    bool accumulate_scores) {
+    int64_t score_window) {
   constexpr int kHeadSize = kPerLane * 32;
   const int64_t t = blockIdx.x;
   const int64_t h = blockIdx.y;
@@ -141,7 +141,8 @@ __global__ void paged_attention_kernel(
     op[d] = from_float<T>(v / s_all);
   }
 
-  if (!accumulate_scores) return;
+  // Only the last score_window query rows of the request's step score keys.
+  if (t - qsl[r] < num_queries - score_window) return;
   // Second pass: now that the softmax normaliser is known, add each key's
   // probability to its slot's score (shared by the heads of the GQA group).
   for (int64_t j = warp; j < visible; j += kWarps) {
@@ -167,7 +168,7 @@ cudaError_t dispatch_attention(void* out, const void* query, void* cache,
                                int64_t block_size, int64_t slot_width,
                                int64_t table_width, int64_t q_ts, int64_t q_hs,
                                int64_t o_ts, int64_t o_hs, float scale,
-                               bool accumulate_scores, cudaStream_t stream) {
+                               int64_t score_window, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   const dim3 grid(num_tokens, num_q_heads), block(kWarps * 32);
 #define KVR_LAUNCH(PER_LANE)                                                    \
@@ -175,7 +176,7 @@ cudaError_t dispatch_attention(void* out, const void* query, void* cache,
       static_cast<T*>(out), static_cast<const T*>(query),                       \
       static_cast<T*>(cache), block_table, seq_lens, qsl, num_reqs,             \
       num_q_heads, num_kv_heads, block_size, slot_width, table_width, q_ts,     \
-      q_hs, o_ts, o_hs, scale, accumulate_scores)
+      q_hs, o_ts, o_hs, scale, score_window)
   switch (head_size) {
     case 32: KVR_LAUNCH(1); break;
     case 64: KVR_LAUNCH(2); break;
@@ -227,14 +228,14 @@ cudaError_t launch_paged_attention(
     int64_t num_q_heads, int64_t num_kv_heads, int64_t head_size,
     int64_t block_size, int64_t slot_width, int64_t table_width,
     int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
-    int64_t out_head_stride, float scale, bool accumulate_scores,
+    int64_t out_head_stride, float scale, int64_t score_window,
     cudaStream_t stream) {
   return with_element_type(dtype, [&](auto element) {
     return dispatch_attention<decltype(element)>(
         out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
         num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
         table_width, q_token_stride, q_head_stride, out_token_stride,
-        out_head_stride, scale, accumulate_scores, stream);
+        out_head_stride, scale, score_window, stream);
   });
 }
 

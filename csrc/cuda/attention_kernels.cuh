@@ -27,8 +27,9 @@ cudaError_t launch_write_kv(DType dtype, void* kv_cache, const void* key,
 // out/query [num_tokens, num_q_heads, head_size] with the given token and head
 // strides (elements); block_table [num_reqs, table_width] int32; seq_lens
 // [num_reqs] int32; query_start_loc [num_reqs + 1] int32. head_size must be a
-// multiple of 32 and at most 256. With accumulate_scores, each slot's score
-// grows by the attention probability it received (atomically).
+// multiple of 32 and at most 256. Each of the last score_window query rows of a
+// request adds the attention probability each slot received to its score
+// (atomically); 0 scores nothing.
 cudaError_t launch_paged_attention(
     DType dtype, void* out, const void* query, void* kv_cache,
     const int32_t* block_table, const int32_t* seq_lens,
@@ -36,7 +37,7 @@ cudaError_t launch_paged_attention(
     int64_t num_q_heads, int64_t num_kv_heads, int64_t head_size,
     int64_t block_size, int64_t slot_width, int64_t table_width,
     int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
-    int64_t out_head_stride, float scale, bool accumulate_scores,
+    int64_t out_head_stride, float scale, int64_t score_window,
     cudaStream_t stream);
 
 }  // namespace kvreviver::cuda

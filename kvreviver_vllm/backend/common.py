@@ -123,8 +123,9 @@ class KVReviverMetadata:
     """[num_actual_tokens] int64: global slot each new token is written to."""
     positions: torch.Tensor
     """[num_actual_tokens] int64: logical (RoPE) position of each new token."""
-    accumulate_scores: bool
-    """Whether attention adds to the slots' importance scores this step."""
+    score_window: int
+    """Last query rows of each request whose attention adds to the slots'
+    importance scores this step (0: none)."""
     compactions: list[tuple[int, int, int]]
     """(request row, exact tokens kept, vague tokens kept): compactions after attention."""
 
@@ -141,10 +142,12 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         assert isinstance(kv_cache_spec, KVReviverSpec), kv_cache_spec
         self.spec = kv_cache_spec
         config = KVReviverConfig.from_vllm_config(vllm_config)
-        self.accumulate_scores = config.variant != "streaming" and config.compresses(
+        scores = config.variant != "streaming" and config.compresses(
             vllm_config.model_config.max_model_len
         )
+        self.score_window = config.score_window if scores else 0
         self.protected = config.sink + config.recent
+        self.candidates = config.candidates
         self.store = make_store(
             config, kv_cache_spec.head_size, kv_cache_spec.state_content_size_bytes,
             kv_cache_spec.dtype,
@@ -193,9 +196,14 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             decoding = q_len == 1 and not prefilling[row]
             next_tokens = 1 if decoding else self.spec.staging_tokens
             if used + next_tokens > self.spec.limit_tokens(logical):
+                # A prompt chunk keeps all that the next chunk's cap leaves room
+                # for (early chunks are scored without the prompt's end, so cut
+                # them least); a decoding request goes back to its budget, which
+                # leaves it room to grow for many steps.
+                target = logical if decoding else logical + next_tokens
                 num_exact, num_vague = policy.split_budget(
-                    self.spec.budget_tokens(logical), num_exact, num_vague,
-                    self.protected, self.store,
+                    self.spec.budget_tokens(target), num_exact, num_vague,
+                    self.protected, self.store, self.candidates,
                 )
                 compactions.append((row, num_exact, num_vague))
             self.state[first] = (num_vague, num_exact)
@@ -223,7 +231,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             block_table=block_table,
             slot_mapping=slot_mapping.to(device),
             positions=positions.to(device),
-            accumulate_scores=self.accumulate_scores,
+            score_window=self.score_window,
             compactions=compactions,
         )
 
@@ -310,7 +318,7 @@ class KVReviverAttentionImpl(AttentionImpl):
             ops.paged_attention_revived(
                 output[:num_tokens], query[:num_tokens], kv_cache, md.block_table,
                 md.exact_start, md.seq_lens, md.vague_tokens, md.query_start_loc,
-                self.scale, md.accumulate_scores, self.store, self.layer_seed,
+                self.scale, md.score_window, self.store, self.layer_seed,
             )
         else:
             ops.paged_attention(
@@ -321,7 +329,7 @@ class KVReviverAttentionImpl(AttentionImpl):
                 md.seq_lens,
                 md.query_start_loc,
                 self.scale,
-                md.accumulate_scores,
+                md.score_window,
             )
         for row, keep_exact, keep_vague in md.compactions:
             self._compact(kv_cache, md, row, keep_exact, keep_vague)

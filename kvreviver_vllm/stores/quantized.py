@@ -6,9 +6,9 @@ Every token demoted from the exact cache is kept as a fixed-size *record*:
 
 Keys and values are quantized per token, asymmetric min/max, in groups of
 ``GROUP`` channels, codes packed little-endian at ``bits`` bits; scale and min are
-float16, position int32, score float32. Records are packed whole into the
-request's own paged slots, ``tokens_per_slot`` to a slot, so revival needs no
-memory outside the request's blocks. Records never straddle slots.
+float16, position int32, score float32. Records are packed back to back into
+the request's own paged slots (a record may straddle two slots, so no byte is
+wasted), so revival needs no memory outside the request's blocks.
 """
 
 from __future__ import annotations
@@ -42,15 +42,11 @@ class QuantizedStore(VagueStore):
     def record_bytes(self) -> int:
         return 2 * self.code_bytes + 2 * 4 * self.num_groups + 8
 
-    @property
-    def tokens_per_slot(self) -> int:
-        return self.slot_bytes // self.record_bytes
-
     def slots_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.tokens_per_slot)
+        return -(-num_tokens * self.record_bytes // self.slot_bytes)
 
     def capacity(self, num_slots: int) -> int:
-        return max(0, num_slots) * self.tokens_per_slot
+        return max(0, num_slots) * self.slot_bytes // self.record_bytes
 
     # -- quantization ---------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,18 +107,14 @@ class QuantizedStore(VagueStore):
     # -- pages ----------------------------------------------------------------
     def to_pages(self, records: torch.Tensor) -> torch.Tensor:
         """``[N, record_bytes]`` -> ``uint8 [slots_for(N), slot_bytes]``."""
-        n, tps = records.shape[0], self.tokens_per_slot
-        num_slots = self.slots_for(n)
-        padded = records.new_zeros(num_slots * tps, self.record_bytes)
-        padded[:n] = records
-        pages = records.new_zeros(num_slots, self.slot_bytes)
-        pages[:, : tps * self.record_bytes] = padded.view(num_slots, tps * self.record_bytes)
-        return pages
+        n = records.shape[0]
+        pages = records.new_zeros(self.slots_for(n) * self.slot_bytes)
+        pages[: n * self.record_bytes] = records.reshape(-1)
+        return pages.view(-1, self.slot_bytes)
 
     def from_pages(self, pages: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        tps = self.tokens_per_slot
-        used = pages[:, : tps * self.record_bytes].reshape(-1, self.record_bytes)
-        return used[:num_tokens]
+        used = pages.reshape(-1)[: num_tokens * self.record_bytes]
+        return used.view(num_tokens, self.record_bytes)
 
     # -- VagueStore -----------------------------------------------------------
     def revive(self, pages: torch.Tensor, num_tokens: int, seed: int):

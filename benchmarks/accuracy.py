@@ -1,0 +1,397 @@
+"""Long-context accuracy of KVReviver against full cache and the baselines, in real vLLM.
+
+Every method runs the real engine (offline ``vllm.LLM``) on the default model with the
+same seeded prompts (``kvreviver_vllm.tasks``), greedy, bf16, prompts chunked at
+``--chunk`` tokens (the serving default is 512):
+
+* ``full``: stock vLLM, full cache (the reference);
+* ``fp8``: stock vLLM with ``--kv-cache-dtype fp8`` (half the memory, no budget);
+* ``streaming``: sink + recent window only (StreamingLLM);
+* ``evict``: sink + recent + best-scored tokens exact, the rest dropped (SnapKV-style);
+* ``sketch``: ``evict`` plus a plain Count Sketch of the dropped tokens;
+* ``uniform``: every token but sink + recent in the low-bit store, at the widest bit
+  width that holds them all in the budget (what uniform low-bit KV dtypes do; n/a where
+  no width fits);
+* ``quantized``: KVReviver's default: exact candidates + every other token low-bit,
+  lowest-scored dropped only when even the store is full.
+
+Per method, budget (a fraction of each request's context), context length and task:
+accuracy (answer in the 32 greedy tokens), greedy agreement with full cache over those
+32 tokens (fraction of tokens before the first difference), and KL(full || method) of
+the first generated token's distribution over full cache's top 20 tokens plus one bucket
+for the rest (a token outside a method's top 20 gets its 20th probability, so this is a
+lower bound). The ``loss`` task reports teacher-forced next-token loss (nats/token) on
+the last eighth of a window of natural text. Attention-output error is not measured
+here (it needs hooks inside the model); ``tests/test_compression.py`` checks revival
+against float64 attention inside the worker.
+
+Run:  .venv/bin/python benchmarks/accuracy.py [--quick] [--out DIR] [--seed N]
+
+Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` to ``--out`` (default
+``benchmarks/results``). Engines run one at a time; each is built once per method and
+budget and serves every context and task in one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_TOKENS = 32
+TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Grid:
+    contexts: tuple[int, ...]
+    budgets: tuple[float, ...]
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+    samples: int
+    """Prompts per (task, context)."""
+    long_context_budgets: tuple[float, ...] = ()
+    """Budgets run at contexts > 4096 (all budgets when empty)."""
+
+
+BUDGETED = ("streaming", "evict", "sketch", "uniform", "quantized")
+ALL_METHODS = ("full", "fp8") + BUDGETED
+
+STANDARD = Grid(
+    contexts=(2048, 4096, 8192),
+    budgets=(0.05, 0.1, 0.25, 0.5),
+    methods=ALL_METHODS,
+    tasks=("passkey-repeat", "passkey-natural", "multikey", "kv-retrieval", "variables", "loss"),
+    samples=8,
+    long_context_budgets=(0.1, 0.25),
+)
+QUICK = Grid(
+    contexts=(1024,),
+    budgets=(0.25,),
+    methods=("full", "evict", "quantized"),
+    tasks=("passkey-repeat", "loss"),
+    samples=2,
+)
+
+
+@dataclass
+class SampleResult:
+    task: str
+    context: int
+    correct: bool | None
+    token_ids: list[int]
+    first_logprobs: dict[int, float]
+    loss: float | None
+
+
+@dataclass
+class Run:
+    method: str
+    budget: float | None
+    config: dict
+    seconds: float
+    results: list[SampleResult] = field(default_factory=list)
+
+
+# -- method configurations -----------------------------------------------------
+
+def uniform_bits(budget: float, context: int, head_size: int, slot_bytes: int,
+                 protected: int) -> int | None:
+    """Widest bit width whose store holds every token but sink + recent in ``budget``."""
+    from kvreviver_vllm.stores.quantized import QuantizedStore
+
+    slots = math.ceil(budget * context) - protected
+    for bits in (8, 4, 3, 2):
+        if QuantizedStore(head_size, bits, slot_bytes).capacity(slots) >= context - protected:
+            return bits
+    return None
+
+
+def engine_kwargs(method: str, budget: float | None, bits: int | None) -> dict | None:
+    """``vllm.LLM`` keyword arguments of one method, or None where it cannot run."""
+    if method == "full":
+        return {}
+    if method == "fp8":
+        return {"kv_cache_dtype": "fp8"}
+    section: dict = {"budget": budget}
+    if method == "uniform":
+        if bits is None:
+            return None
+        section.update(variant="quantized", candidates=False, bits=bits)
+    else:
+        section["variant"] = method
+    return {"attention_backend": "kvreviver", "additional_config": {"kvreviver": section}}
+
+
+# -- running -------------------------------------------------------------------
+
+def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
+               samples, chunk: int) -> Run:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvreviver_vllm.tasks import is_correct
+
+    max_len = max(len(s.prompt_ids) for s in samples) + MAX_TOKENS + 8
+    start = time.perf_counter()
+    llm = LLM(
+        model=model_dir, dtype="bfloat16", max_model_len=max_len, enforce_eager=True,
+        seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False, **kwargs,
+    )
+    try:
+        generate = SamplingParams(
+            temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS
+        )
+        score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        params = [score if s.task == "loss" else generate for s in samples]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in samples], params)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    run = Run(method, budget, kwargs, time.perf_counter() - start)
+    for sample, out in zip(samples, outs):
+        context = sample.context
+        if sample.task == "loss":
+            logprobs = [
+                step[tok].logprob
+                for tok, step in zip(sample.prompt_ids[-sample.scored_tokens :],
+                                     out.prompt_logprobs[-sample.scored_tokens :])
+            ]
+            run.results.append(SampleResult(
+                sample.task, context, None, [], {}, -statistics.fmean(logprobs)))
+            continue
+        completion = out.outputs[0]
+        run.results.append(SampleResult(
+            sample.task, context, is_correct(sample, completion.text),
+            list(completion.token_ids),
+            {tok: lp.logprob for tok, lp in completion.logprobs[0].items()}, None,
+        ))
+    return run
+
+
+# -- metrics -------------------------------------------------------------------
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of ``MAX_TOKENS`` generated before the first differing token."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n / MAX_TOKENS
+
+
+def top_k_kl(full: dict[int, float], other: dict[int, float]) -> float:
+    """KL(full || other) over full's top tokens plus one 'rest' bucket (nats)."""
+    floor = min(other.values())
+    p = {t: math.exp(lp) for t, lp in full.items()}
+    q = {t: math.exp(other.get(t, floor)) for t in full}
+    p_rest, q_rest = max(1e-12, 1 - sum(p.values())), max(1e-12, 1 - sum(q.values()))
+    kl = sum(pi * math.log(pi / q[t]) for t, pi in p.items() if pi > 0)
+    return max(0.0, kl + p_rest * math.log(p_rest / q_rest))
+
+
+def summarize(run: Run, reference: Run) -> list[dict]:
+    """One row per (context, task) of ``run``, compared to the full-cache ``reference``
+    (which ran every sample, in the same order)."""
+
+    def grouped(results: list[SampleResult]) -> dict[tuple[int, str], list[SampleResult]]:
+        groups: dict[tuple[int, str], list[SampleResult]] = {}
+        for r in results:
+            groups.setdefault((r.context, r.task), []).append(r)
+        return groups
+
+    wanted = grouped(reference.results)
+    rows = []
+    for (context, task), got in sorted(grouped(run.results).items()):
+        pairs = list(zip(got, wanted[(context, task)], strict=True))
+        row = dict(method=run.method, budget=run.budget, context=context, task=task,
+                   samples=len(pairs))
+        if task == "loss":
+            row["loss"] = statistics.fmean(g.loss for g, _ in pairs)
+            row["loss_delta"] = row["loss"] - statistics.fmean(w.loss for _, w in pairs)
+        else:
+            row["correct"] = sum(g.correct for g, _ in pairs)
+            row["accuracy"] = row["correct"] / len(pairs)
+            row["agreement"] = statistics.fmean(agreement(g.token_ids, w.token_ids) for g, w in pairs)
+            row["kl"] = statistics.fmean(top_k_kl(w.first_logprobs, g.first_logprobs) for g, w in pairs)
+        rows.append(row)
+    return rows
+
+
+# -- reporting -----------------------------------------------------------------
+
+def _label(method: str, budget: float | None) -> str:
+    return method if budget is None else f"{method}@{budget:g}"
+
+
+def markdown(rows: list[dict], grid: Grid, skipped: list[str]) -> str:
+    """Accuracy tables (correct/samples) per context, loss deltas, and fidelity."""
+    lines = []
+    for context in grid.contexts:
+        at = [r for r in rows if r["context"] == context]
+        if not at:
+            continue
+        configs = list(dict.fromkeys((r["method"], r["budget"]) for r in at))
+        lines += [f"### ~{context} tokens", ""]
+        head = ["method", "budget"] + [t for t in grid.tasks]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, budget in configs:
+            cells = [method, "-" if budget is None else f"{budget:.0%}"]
+            for task in grid.tasks:
+                match = [r for r in at if (r["method"], r["budget"], r["task"]) == (method, budget, task)]
+                if not match:
+                    cells.append("n/a")
+                elif task == "loss":
+                    r = match[0]
+                    cells.append(f"{r['loss']:.3f}" + ("" if method == "full" else f" ({r['loss_delta']:+.3f})"))
+                else:
+                    r = match[0]
+                    cells.append(f"{r['correct']}/{r['samples']}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Fidelity (retrieval tasks pooled): greedy agreement with full cache over "
+                  f"{MAX_TOKENS} tokens, top-{TOP_LOGPROBS} KL of the first token (nats).", "",
+                  "| method | budget | agreement | KL |", "|---|---|---|---|"]
+        for method, budget in configs:
+            match = [r for r in at if (r["method"], r["budget"]) == (method, budget) and "agreement" in r]
+            if match:
+                weight = sum(r["samples"] for r in match)
+                agree = sum(r["agreement"] * r["samples"] for r in match) / weight
+                kl = sum(r["kl"] * r["samples"] for r in match) / weight
+                lines.append(f"| {method} | {'-' if budget is None else f'{budget:.0%}'} | {agree:.2f} | {kl:.3f} |")
+        lines.append("")
+    if skipped:
+        lines += ["Not run (no configuration fits the budget): " + ", ".join(skipped), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], grid: Grid, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = [c for c in grid.contexts if any(r["context"] == c for r in rows)]
+    fig, axes = plt.subplots(len(contexts), len(grid.tasks), squeeze=False,
+                             figsize=(3.2 * len(grid.tasks), 2.8 * len(contexts)))
+    for i, context in enumerate(contexts):
+        for j, task in enumerate(grid.tasks):
+            ax = axes[i][j]
+            at = [r for r in rows if r["context"] == context and r["task"] == task]
+            key = "loss" if task == "loss" else "accuracy"
+            for method in grid.methods:
+                mine = sorted((r for r in at if r["method"] == method), key=lambda r: r["budget"] or 1)
+                if not mine:
+                    continue
+                if mine[0]["budget"] is None:
+                    ax.axhline(mine[0][key], ls="--" if method == "full" else ":", color="k" if method == "full" else "gray", label=method)
+                else:
+                    ax.plot([r["budget"] for r in mine], [r[key] for r in mine], marker="o", label=method)
+            ax.set_xscale("log")
+            ax.set_title(f"{task}, ~{context} tok", fontsize=9)
+            ax.set_xlabel("budget (fraction of context)", fontsize=8)
+            ax.set_ylabel("loss (nats)" if task == "loss" else "accuracy", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- main ----------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny grid for tests (<5 min)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    parser.add_argument("--samples", type=int, help="prompts per task and context")
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="subset of methods")
+    parser.add_argument("--budgets", nargs="+", type=float, help="subset of budgets")
+    parser.add_argument("--contexts", nargs="+", type=int, help="context lengths (tokens)")
+    parser.add_argument("--tasks", nargs="+", help="subset of tasks")
+    parser.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (default 512)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    args = parser.parse_args()
+
+    grid = QUICK if args.quick else STANDARD
+    overrides = {k: tuple(v) for k, v in dict(
+        methods=args.methods, budgets=args.budgets, contexts=args.contexts, tasks=args.tasks,
+    ).items() if v}
+    grid = Grid(**{**asdict(grid), **overrides, **({"samples": args.samples} if args.samples else {})})
+    if "full" not in grid.methods:
+        grid = Grid(**{**asdict(grid), "methods": ("full",) + grid.methods})
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from transformers import AutoTokenizer
+
+    from kvreviver_vllm.config import KVReviverConfig
+    from kvreviver_vllm.models import default_model_dir
+    from kvreviver_vllm.sketch import slot_width
+    from kvreviver_vllm.tasks import TaskGenerator
+
+    import torch
+
+    model_dir = str(default_model_dir())
+    generator = TaskGenerator(AutoTokenizer.from_pretrained(model_dir))
+    samples_by_context = {
+        context: [s for task in grid.tasks
+                  for s in generator.samples(task, context, grid.samples, args.seed)]
+        for context in grid.contexts
+    }
+
+    defaults = KVReviverConfig()
+    slot_bytes = slot_width(64, torch.bfloat16) * 2
+    protected = defaults.sink + defaults.recent
+    runs, skipped = [], []
+    plan = [(m, None) for m in grid.methods if m not in BUDGETED]
+    plan += [(m, b) for b in grid.budgets for m in grid.methods if m in BUDGETED]
+    for method, budget in plan:
+        contexts = [c for c in grid.contexts
+                    if budget is None or c <= 4096 or not grid.long_context_budgets
+                    or budget in grid.long_context_budgets]
+        bits = None
+        if method == "uniform":
+            widths = {uniform_bits(budget, c, 64, slot_bytes, protected) for c in contexts}
+            bits = None if None in widths else min(widths)
+        kwargs = engine_kwargs(method, budget, bits)
+        if kwargs is None:
+            skipped.append(_label(method, budget))
+            continue
+        samples = [s for c in contexts for s in samples_by_context[c]]
+        print(f"[accuracy] {_label(method, budget)}: {len(samples)} prompts ...", flush=True)
+        run = run_method(model_dir, method, budget, kwargs, samples, args.chunk)
+        print(f"[accuracy] {_label(method, budget)}: {run.seconds:.0f} s", flush=True)
+        runs.append(run)
+
+    rows = [row for run in runs for row in summarize(run, runs[0])]
+    table = markdown(rows, grid, skipped)
+    print(table)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy_quick" if args.quick else "accuracy"
+    report = dict(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        seed=args.seed, chunk=args.chunk, grid=asdict(grid), skipped=skipped,
+        runs=[dict(method=r.method, budget=r.budget, config=r.config, seconds=r.seconds) for r in runs],
+        rows=rows,
+    )
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{stem}.md").write_text(
+        f"Command: `python benchmarks/{report['command']}` (seed {args.seed}, chunk {args.chunk})\n\n" + table
+    )
+    plot(rows, grid, args.out / f"{stem}.png")
+    print(f"[accuracy] wrote {args.out / stem}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
