@@ -65,6 +65,51 @@ def check_attention(dtype, head_size, block_size, heads, seq_lens, q_lens, seed)
                 ok=out_err <= tol and score_err <= 1e-3)
 
 
+def check_quantized_attention(dtype, head_size, bits, vague, exact, q_lens, seed) -> dict:
+    """Revival of a quantized store (records written by the reference) on the GPU."""
+    from kvreviver_vllm.stores import QuantizedStore
+
+    gen = torch.Generator().manual_seed(seed)
+    slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
+    store = QuantizedStore(head_size, bits, slot_bytes)
+    pages = [store.slots_for(n) for n in vague]
+    cache, table, _, qsl, query = make_case(9, 3, head_size, 16, [p + e for p, e in zip(pages, exact)],
+                                            q_lens, dtype, seed)
+    for r, n in enumerate(vague):
+        if not n:
+            continue
+        records = [store.encode(torch.randn(n, head_size, generator=gen), torch.randn(n, head_size, generator=gen),
+                                torch.arange(n), torch.zeros(n)) for _ in range(3)]
+        sketch.write_store_pages(cache, table[r], torch.stack([store.to_pages(x) for x in records]))
+    starts = torch.tensor(pages, dtype=torch.int32)
+    lens = starts + torch.tensor(exact, dtype=torch.int32)
+    num_vague = torch.tensor(vague, dtype=torch.int32)
+    scale = head_size**-0.5
+    want, ref_cache = torch.empty_like(query), cache.clone()
+    sketch.paged_attention_revived(want, query, ref_cache, table, starts, lens, num_vague, qsl,
+                                   scale, 32, store, 0)
+    got, gpu_cache = torch.empty_like(query).cuda(), cache.cuda()
+    torch.ops.kvreviver.paged_attention_quantized(
+        got, query.cuda(), gpu_cache, table.cuda(), starts.cuda(), lens.cuda(), num_vague.cuda(),
+        qsl.cuda(), scale, 32, bits, store.group)
+    out_err = (got.cpu().float() - want.float()).abs().max().item()
+    # Exact slots' and records' scores, both compared through the store's decoder.
+    score_err = 0.0
+    for r, (p, e, n) in enumerate(zip(pages, exact, vague)):
+        blocks, offsets = sketch.physical_slots(table[r], torch.arange(p, p + e), 16)
+        exact_scores = [sketch.slot_meta(c)[1][blocks, :, offsets] for c in (gpu_cache.cpu(), ref_cache)]
+        score_err = max(score_err, (exact_scores[0] - exact_scores[1]).abs().max().item())
+        if not n:
+            continue
+        decode = lambda c: torch.stack([store.decode(store.from_pages(x, n))[3]  # noqa: E731
+                                        for x in sketch.store_pages(c, table[r], p)])
+        score_err = max(score_err, (decode(gpu_cache.cpu()) - decode(ref_cache)).abs().max().item())
+    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+    return dict(op="paged_attention_quantized", dtype=str(dtype), head_size=head_size, bits=bits,
+                vague=vague, exact=exact, out_err=out_err, score_err=score_err,
+                ok=out_err <= tol and score_err <= 1e-3)
+
+
 def check_write_kv(dtype, seed) -> dict:
     gen = torch.Generator().manual_seed(seed)
     key, value = (torch.randn(50, 3, 64, generator=gen).to(dtype) for _ in range(2))
@@ -82,7 +127,7 @@ def time_decode(batch: int, context: int) -> dict:
     cache, table, lens, qsl, query = make_case(9, 3, 64, 128, [context] * batch, [1] * batch,
                                                torch.bfloat16, 0)
     args = [torch.empty_like(query).cuda(), query.cuda(), cache.cuda(), table.cuda(), lens.cuda(),
-            qsl.cuda(), 0.125, False]
+            qsl.cuda(), 0.125, 0]
     for _ in range(5):
         torch.ops.kvreviver.paged_attention(*args)
     torch.cuda.synchronize()
@@ -106,6 +151,12 @@ def main() -> int:
                     seed += 1
                     checks.append(check_attention(dtype, head_size, block_size, heads,
                                                   [1, 37, 300, 8192], [1, 5, 20, 1], seed))
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_size in (64, 128):
+            for bits in (2, 3, 4, 8):
+                seed += 1
+                checks.append(check_quantized_attention(dtype, head_size, bits, [0, 40, 700],
+                                                        [5, 64, 300], [1, 5, 20], seed))
     timings = [time_decode(b, c) for b in (1, 16) for c in (2048, 8192)]
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   passed=sum(c["ok"] for c in checks), failed=sum(not c["ok"] for c in checks),

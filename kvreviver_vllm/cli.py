@@ -47,6 +47,16 @@ def serve_command(model: str, extra: list[str]) -> list[str]:
     return cmd + extra
 
 
+def serve_environment(extra: list[str], environ) -> dict[str, str]:
+    """The server's environment: the KV pool defaults to ``DEFAULT_KV_CACHE_GIB``
+    unless the user sized it (vLLM on CPU lets ``VLLM_CPU_KVCACHE_SPACE`` override
+    ``--kv-cache-memory-bytes``, so the two must not both be set)."""
+    env = dict(environ)
+    if not _given("--kv-cache-memory-bytes", extra):
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvreviver", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(prepare_default_model())
     cmd = serve_command(model, extra)
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
+    env = serve_environment(extra, os.environ)
     # Prefer the `vllm` of this interpreter's environment, which need not be on PATH.
     beside = os.path.join(os.path.dirname(sys.executable), "vllm")
     vllm = beside if os.access(beside, os.X_OK) else shutil.which("vllm")

@@ -87,7 +87,7 @@ class TaskGenerator:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: allowed tasks are {', '.join(TASKS)}")
         make = getattr(self, "_" + task.replace("-", "_"))
-        # One stream per (task, context, index): adding samples never changes others.
+        # One random stream per sample; needle depths spread evenly over `count`.
         return [
             make(random.Random(f"{seed}/{task}/{context_tokens}/{i}"), context_tokens, i, count)
             for i in range(count)

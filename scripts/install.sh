@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine (Python 3.11 + pip + gcc): a virtual
-# environment in .venv with vLLM for CPU, this package, and the default model.
+# environment in .venv with vLLM for CPU, this package, the default model, and
+# the Debian text the accuracy tasks read.
 # Safe to run again: finished steps are quick no-ops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +25,13 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --no-build-isolation -e '.[model,test,bench]'
 
 .venv/bin/kvreviver prepare-model
+
+# Natural text for the accuracy tasks (kvreviver_vllm/tasks.py): Debian's fortunes.
+if [ ! -e /usr/share/games/fortunes/literature ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; } >/dev/null
+  else
+    echo "install.sh: the accuracy tasks need Debian's 'fortunes' package: run" \
+         "'sudo apt-get install fortunes'" >&2
+  fi
+fi

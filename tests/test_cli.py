@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvreviver_vllm.cli import serve_command
+from kvreviver_vllm.cli import DEFAULT_KV_CACHE_GIB, serve_command, serve_environment
 
 
 def test_serve_defaults():
@@ -20,3 +20,9 @@ def test_user_flags_override_defaults():
     assert "--port" not in cmd and "--port=9001" in cmd
     assert cmd.count("--dtype") == 1 and cmd[cmd.index("--dtype") + 1] == "float32"
     assert cmd[-2:] == ["--max-num-seqs", "4"]
+
+
+def test_kv_pool_default_yields_to_an_explicit_size():
+    assert serve_environment([], {})["VLLM_CPU_KVCACHE_SPACE"] == DEFAULT_KV_CACHE_GIB
+    assert serve_environment([], {"VLLM_CPU_KVCACHE_SPACE": "7"})["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in serve_environment(["--kv-cache-memory-bytes", "1000"], {})

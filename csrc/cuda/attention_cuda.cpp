@@ -54,11 +54,10 @@ void write_kv_cuda(torch::Tensor kv_cache, const torch::Tensor& key,
         "kvreviver::write_kv");
 }
 
-void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
-                          torch::Tensor kv_cache, const torch::Tensor& block_table,
-                          const torch::Tensor& seq_lens,
-                          const torch::Tensor& query_start_loc, double scale,
-                          int64_t score_window) {
+void launch_attention(torch::Tensor& out, const torch::Tensor& query,
+                      torch::Tensor& kv_cache, const torch::Tensor& block_table,
+                      const torch::Tensor& seq_lens, const torch::Tensor& query_start_loc,
+                      double scale, int64_t score_window, cuda::QuantizedStoreArgs store) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
               "query and out must both be [tokens, heads, head_size]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1,
@@ -66,7 +65,6 @@ void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
   TORCH_CHECK(query.size(2) % 32 == 0 && query.size(2) <= 256,
               "head_size ", query.size(2), " unsupported on CUDA: multiples of 32 up to 256");
   check_slot_width(kv_cache, query.size(2));
-  const c10::cuda::CUDAGuard guard(query.device());
   const auto table = block_table.to(query.device(), torch::kInt32).contiguous();
   const auto lens = seq_lens.to(query.device(), torch::kInt32).contiguous();
   const auto qsl = query_start_loc.to(query.device(), torch::kInt32).contiguous();
@@ -76,13 +74,44 @@ void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
             qsl.data_ptr<int32_t>(), query.size(0), lens.size(0), query.size(1),
             kv_cache.size(1), query.size(2), kv_cache.size(2), kv_cache.size(3),
             table.size(1), query.stride(0), query.stride(1), out.stride(0),
-            out.stride(1), static_cast<float>(scale), score_window,
+            out.stride(1), static_cast<float>(scale), score_window, store,
             c10::cuda::getCurrentCUDAStream()),
         "kvreviver::paged_attention");
 }
 
+void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
+                          torch::Tensor kv_cache, const torch::Tensor& block_table,
+                          const torch::Tensor& seq_lens,
+                          const torch::Tensor& query_start_loc, double scale,
+                          int64_t score_window) {
+  const c10::cuda::CUDAGuard guard(query.device());
+  launch_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc, scale,
+                   score_window, cuda::QuantizedStoreArgs{});
+}
+
+void paged_attention_quantized_cuda(
+    torch::Tensor out, const torch::Tensor& query, torch::Tensor kv_cache,
+    const torch::Tensor& block_table, const torch::Tensor& exact_start,
+    const torch::Tensor& seq_lens, const torch::Tensor& vague_tokens,
+    const torch::Tensor& query_start_loc, double scale, int64_t score_window,
+    int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
+              "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
+  TORCH_CHECK(group > 0 && query.size(2) % group == 0, "group=", group,
+              " must divide the head size ", query.size(2));
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto starts = exact_start.to(query.device(), torch::kInt32).contiguous();
+  const auto counts = vague_tokens.to(query.device(), torch::kInt32).contiguous();
+  launch_attention(out, query, kv_cache, block_table, seq_lens, query_start_loc, scale,
+                   score_window,
+                   cuda::QuantizedStoreArgs{starts.data_ptr<int32_t>(),
+                                            counts.data_ptr<int32_t>(),
+                                            static_cast<int>(bits), static_cast<int>(group)});
+}
+
 TORCH_LIBRARY_IMPL(kvreviver, CUDA, m) {
   m.impl("paged_attention", &paged_attention_cuda);
+  m.impl("paged_attention_quantized", &paged_attention_quantized_cuda);
   m.impl("write_kv", &write_kv_cuda);
 }
 

@@ -65,6 +65,39 @@ __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ key
   }
 }
 
+// The byte stream of one request's store for one KV head: its first slots,
+// in block-table order. A record may straddle two slots.
+struct StoreBytes {
+  uint8_t* cache;
+  const int32_t* table_row;
+  int64_t kv_head, num_kv_heads, block_size, slot_bytes;
+
+  __device__ __forceinline__ uint8_t* at(int64_t offset) const {
+    const int64_t s = offset / slot_bytes;
+    const int64_t blk = table_row[s / block_size];
+    return cache + ((blk * num_kv_heads + kv_head) * block_size + s % block_size) * slot_bytes +
+           offset % slot_bytes;
+  }
+  __device__ __forceinline__ float half_at(int64_t offset) const {
+    const uint16_t bits = *at(offset) | (static_cast<uint16_t>(*at(offset + 1)) << 8);
+    return __half2float(__ushort_as_half(bits));
+  }
+};
+
+// Channel c of the record at `rec`: codes at rec + codes, fp16 (scale, min)
+// per group at rec + params (scales of all groups, then mins).
+__device__ __forceinline__ float dequantize_channel(const StoreBytes& store, int64_t rec,
+                                                    int64_t codes, int64_t params,
+                                                    int64_t num_groups, int c, int bits,
+                                                    int group) {
+  const int64_t bit = static_cast<int64_t>(c) * bits;
+  uint32_t word = *store.at(rec + codes + (bit >> 3));
+  if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(*store.at(rec + codes + (bit >> 3) + 1)) << 8;
+  const float q = static_cast<float>((word >> (bit & 7)) & ((1u << bits) - 1));
+  const int g = c / group;
+  return q * store.half_at(rec + params + 2 * g) + store.half_at(rec + params + 2 * (num_groups + g));
+}
+
 // kPerLane = head_size / 32 elements of q, k, v and the accumulator per lane.
 template <typename T, int kPerLane>
 __global__ void paged_attention_kernel(
@@ -74,7 +107,7 @@ __global__ void paged_attention_kernel(
     int64_t num_kv_heads, int64_t block_size, int64_t slot_width,
     int64_t table_width, int64_t q_token_stride, int64_t q_head_stride,
     int64_t out_token_stride, int64_t out_head_stride, float scale,
-    int64_t score_window) {
+    int64_t score_window, QuantizedStoreArgs store) {
   constexpr int kHeadSize = kPerLane * 32;
   const int64_t t = blockIdx.x;
   const int64_t h = blockIdx.y;
@@ -88,9 +121,14 @@ __global__ void paged_attention_kernel(
   }
   const int64_t r = lo;
   const int64_t num_queries = qsl[r + 1] - qsl[r];
-  const int64_t visible = seq_lens[r] - num_queries + (t - qsl[r]) + 1;
   const int64_t kvh = h / (num_q_heads / num_kv_heads);
-
+  // Keys: [nv revived vague tokens | exact slots first_exact.. (causal)].
+  const int64_t first_exact = store.exact_start ? store.exact_start[r] : 0;
+  const int64_t nv = store.vague_tokens ? store.vague_tokens[r] : 0;
+  const int64_t visible = seq_lens[r] - first_exact - num_queries + (t - qsl[r]) + 1;
+  const StoreBytes bytes{reinterpret_cast<uint8_t*>(cache), block_table + r * table_width,
+                         kvh, num_kv_heads, block_size,
+                         slot_width * static_cast<int64_t>(sizeof(T))};
   float q[kPerLane], acc[kPerLane];
   const T* qp = query + t * q_token_stride + h * q_head_stride + lane * kPerLane;
 #pragma unroll
@@ -98,24 +136,54 @@ __global__ void paged_attention_kernel(
     q[e] = to_float(qp[e]) * scale;
     acc[e] = 0.f;
   }
-  float m = -FLT_MAX, s = 0.f;
-  for (int64_t j = warp; j < visible; j += kWarps) {
-    const int64_t blk = block_table[r * table_width + j / block_size];
-    const T* kp = cache + ((blk * num_kv_heads + kvh) * block_size + j % block_size) *
-                              slot_width + lane * kPerLane;
+  const int64_t num_groups = store.group ? kHeadSize / store.group : 0;
+  const int64_t code_bytes = static_cast<int64_t>(kHeadSize) * store.bits / 8;
+  const int64_t record_bytes = 2 * code_bytes + 8 * num_groups + 8;
+  auto vague_logit = [&](int64_t j) {
     float logit = 0.f;
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) logit += q[e] * to_float(kp[e]);
+    for (int e = 0; e < kPerLane; ++e)
+      logit += q[e] * dequantize_channel(bytes, j * record_bytes, 0, 2 * code_bytes, num_groups,
+                                         lane * kPerLane + e, store.bits, store.group);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) logit += __shfl_xor_sync(0xffffffff, logit, o);
+    return logit;
+  };
+  auto exact_slot = [&](int64_t j) {
+    const int64_t s = first_exact + j;
+    const int64_t blk = block_table[r * table_width + s / block_size];
+    return cache + ((blk * num_kv_heads + kvh) * block_size + s % block_size) * slot_width;
+  };
+  auto exact_logit = [&](const T* slot) {
+    float logit = 0.f;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) logit += q[e] * to_float(slot[lane * kPerLane + e]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) logit += __shfl_xor_sync(0xffffffff, logit, o);
+    return logit;
+  };
+
+  float m = -FLT_MAX, s = 0.f;
+  // Online softmax step for one key; value(e) gives this lane's channels.
+  auto update = [&](float logit, auto value) {
     const float m_new = fmaxf(m, logit);
     const float correction = __expf(m - m_new);
     const float p = __expf(logit - m_new);
     s = s * correction + p;
-    const T* vp = kp + kHeadSize;
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * correction + p * to_float(vp[e]);
+    for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * correction + p * value(e);
     m = m_new;
+  };
+  for (int64_t j = warp; j < nv; j += kWarps) {
+    update(vague_logit(j), [&](int e) {
+      return dequantize_channel(bytes, j * record_bytes, code_bytes,
+                                2 * code_bytes + 4 * num_groups, num_groups,
+                                lane * kPerLane + e, store.bits, store.group);
+    });
+  }
+  for (int64_t j = warp; j < visible; j += kWarps) {
+    const T* slot = exact_slot(j);
+    update(exact_logit(slot), [&](int e) { return to_float(slot[kHeadSize + lane * kPerLane + e]); });
   }
 
   __shared__ float warp_m[kWarps], warp_s[kWarps];
@@ -144,17 +212,17 @@ __global__ void paged_attention_kernel(
   // Only the last score_window query rows of the request's step score keys.
   if (t - qsl[r] < num_queries - score_window) return;
   // Second pass: now that the softmax normaliser is known, add each key's
-  // probability to its slot's score (shared by the heads of the GQA group).
+  // probability to its record's or slot's score (shared by the GQA group).
+  for (int64_t j = warp; j < nv; j += kWarps) {
+    const float logit = vague_logit(j);
+    // The score field is 4-byte aligned, so it never straddles two slots.
+    if (lane == 0)
+      atomicAdd(reinterpret_cast<float*>(bytes.at(j * record_bytes + record_bytes - 4)),
+                __expf(logit - m_all) / s_all);
+  }
   for (int64_t j = warp; j < visible; j += kWarps) {
-    const int64_t blk = block_table[r * table_width + j / block_size];
-    T* slot = cache + ((blk * num_kv_heads + kvh) * block_size + j % block_size) *
-                          slot_width;
-    const T* kp = slot + lane * kPerLane;
-    float logit = 0.f;
-#pragma unroll
-    for (int e = 0; e < kPerLane; ++e) logit += q[e] * to_float(kp[e]);
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) logit += __shfl_xor_sync(0xffffffff, logit, o);
+    T* slot = exact_slot(j);
+    const float logit = exact_logit(slot);
     if (lane == 0) atomicAdd(slot_score(slot, kHeadSize), __expf(logit - m_all) / s_all);
   }
 }
@@ -168,7 +236,8 @@ cudaError_t dispatch_attention(void* out, const void* query, void* cache,
                                int64_t block_size, int64_t slot_width,
                                int64_t table_width, int64_t q_ts, int64_t q_hs,
                                int64_t o_ts, int64_t o_hs, float scale,
-                               int64_t score_window, cudaStream_t stream) {
+                               int64_t score_window, QuantizedStoreArgs store,
+                               cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   const dim3 grid(num_tokens, num_q_heads), block(kWarps * 32);
 #define KVR_LAUNCH(PER_LANE)                                                    \
@@ -176,7 +245,7 @@ cudaError_t dispatch_attention(void* out, const void* query, void* cache,
       static_cast<T*>(out), static_cast<const T*>(query),                       \
       static_cast<T*>(cache), block_table, seq_lens, qsl, num_reqs,             \
       num_q_heads, num_kv_heads, block_size, slot_width, table_width, q_ts,     \
-      q_hs, o_ts, o_hs, scale, score_window)
+      q_hs, o_ts, o_hs, scale, score_window, store)
   switch (head_size) {
     case 32: KVR_LAUNCH(1); break;
     case 64: KVR_LAUNCH(2); break;
@@ -229,13 +298,13 @@ cudaError_t launch_paged_attention(
     int64_t block_size, int64_t slot_width, int64_t table_width,
     int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
     int64_t out_head_stride, float scale, int64_t score_window,
-    cudaStream_t stream) {
+    QuantizedStoreArgs store, cudaStream_t stream) {
   return with_element_type(dtype, [&](auto element) {
     return dispatch_attention<decltype(element)>(
         out, query, kv_cache, block_table, seq_lens, query_start_loc, num_tokens,
         num_reqs, num_q_heads, num_kv_heads, head_size, block_size, slot_width,
         table_width, q_token_stride, q_head_stride, out_token_stride,
-        out_head_stride, scale, score_window, stream);
+        out_head_stride, scale, score_window, store, stream);
   });
 }
 

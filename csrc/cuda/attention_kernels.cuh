@@ -3,7 +3,8 @@
 // No torch headers here: the CPU torch wheel cannot compile c10/cuda, and the
 // CuPy check on the GPU machine loads these kernels without torch. The torch
 // binding (attention_cuda.cpp) passes pointers, sizes and the current stream.
-// Semantics: kvreviver_vllm/sketch.py (write_kv, paged_attention).
+// Semantics: kvreviver_vllm/sketch.py (write_kv, paged_attention,
+// paged_attention_revived with the quantized store).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,17 @@
 namespace kvreviver::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A request's quantized vague store (kvreviver_vllm/stores/quantized.py): the
+// first exact_start[r] slots of each KV head hold fixed-size records back to
+// back, [K codes | V codes | K scale, K min, V scale, V min (fp16 per group) |
+// position int32 | score float32], codes little-endian at `bits` bits.
+struct QuantizedStoreArgs {
+  const int32_t* exact_start = nullptr;   // [num_reqs] int32; null: no store
+  const int32_t* vague_tokens = nullptr;  // [num_reqs] int32
+  int bits = 0;
+  int group = 0;
+};
 
 // kv_cache [num_blocks, num_kv_heads, block_size, slot_width]: per slot K (D),
 // V (D), then int32 position and float32 score. key/value [num_tokens,
@@ -38,6 +50,6 @@ cudaError_t launch_paged_attention(
     int64_t block_size, int64_t slot_width, int64_t table_width,
     int64_t q_token_stride, int64_t q_head_stride, int64_t out_token_stride,
     int64_t out_head_stride, float scale, int64_t score_window,
-    cudaStream_t stream);
+    QuantizedStoreArgs store, cudaStream_t stream);
 
 }  // namespace kvreviver::cuda

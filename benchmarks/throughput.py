@@ -1,0 +1,373 @@
+"""Serving throughput: stock vLLM against vLLM + KVReviver, same KV memory, same requests.
+
+Each configuration is a real ``kvreviver serve`` (the OpenAI server, ``vllm serve`` with
+this package's CPU defaults: bf16, eager, chunks of 512 tokens, no prefix caching) on
+the default model; stock vLLM is the same command with ``--attention-backend CPU_ATTN``.
+The load is vLLM's own ``vllm bench serve`` (random-token prompts, seeded, EOS ignored),
+and a thread polls the server's ``/metrics`` for running requests and KV usage.
+
+Scenarios:
+
+* ``pressure``: a KV pool of ``--pool-requests`` stock requests' worth of bytes (prompt +
+  output), the same bytes for every configuration; ``--requests`` prompts of
+  ``--input-len`` tokens, ``--output-len`` generated each; all at once (``burst``) and
+  with Poisson arrivals (``poisson``, ``--rate`` requests/s). Budgets ``--budgets``.
+* ``no-pressure``: a pool large enough for everything; ``--concurrency`` requests at a
+  time over ``--contexts``: the per-token decode cost (TPOT) of the backend itself.
+
+Reported per run: completed/failed requests, peak running requests (``/metrics``),
+output tokens/s, requests/s, TTFT and TPOT (median, p99), peak KV blocks in use, and the
+ratios to stock vLLM in the same scenario. Accuracy of each configuration is quoted from
+``benchmarks/results/accuracy.json`` when present.
+
+Run:  .venv/bin/python benchmarks/throughput.py [--quick] [--out DIR]
+
+Writes ``throughput.json`` and ``throughput.png`` to ``--out`` (``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STOCK = "stock"
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Setup:
+    requests: int = 32
+    input_len: int = 2048
+    output_len: int = 128
+    pool_requests: int = 4
+    budgets: tuple[float, ...] = (0.1, 0.25)
+    rate: float = 0.5
+    poisson_budgets: tuple[float, ...] = (0.1,)
+    concurrency: tuple[int, ...] = (1, 16)
+    contexts: tuple[int, ...] = (2048, 8192)
+    decode_tokens: int = 64
+    no_pressure_budget: float = 0.1
+    block_size: int = 32
+
+
+QUICK = Setup(requests=4, input_len=512, output_len=16, pool_requests=2, budgets=(0.25,),
+              rate=2.0, poisson_budgets=(), concurrency=(2,), contexts=(512,), decode_tokens=8,
+              no_pressure_budget=0.25)
+
+
+@dataclass
+class Result:
+    scenario: str
+    config: str
+    budget: float | None
+    load: str
+    completed: int = 0
+    failed: int = 0
+    peak_running: int = 0
+    peak_kv_usage: float = 0.0
+    num_blocks: int = 0
+    output_tok_s: float = 0.0
+    request_s: float = 0.0
+    ttft_median_ms: float = 0.0
+    ttft_p99_ms: float = 0.0
+    tpot_median_ms: float = 0.0
+    tpot_p99_ms: float = 0.0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+# -- the server ------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        m = re.search(r'vllm:cache_config_info\{.*num_gpu_blocks="(\d+)"', line)
+        if m:
+            out["num_blocks"] = float(m.group(1))
+    return out
+
+
+class Server:
+    """``kvreviver serve`` for one configuration, stopped on exit."""
+
+    def __init__(self, budget: float | None, pool_bytes: int, max_len: int, block_size: int,
+                 log_dir: Path) -> None:
+        self.port = _free_port()
+        args = ["--port", str(self.port), "--max-model-len", str(max_len),
+                "--kv-cache-memory-bytes", str(pool_bytes), "--block-size", str(block_size),
+                "--max-num-seqs", "256"]
+        if budget is None:
+            args += ["--attention-backend", "CPU_ATTN"]
+        else:
+            args += ["--additional-config", json.dumps({"kvreviver": {"budget": budget}})]
+        self.log_path = log_dir / f"server-{'stock' if budget is None else budget}-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvreviver_vllm", "serve", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+    def __enter__(self) -> Server:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-4000:]}")
+                time.sleep(2)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+class Poller(threading.Thread):
+    """Peak running requests and KV usage, sampled every 0.25 s."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stop, self.peak_running, self.peak_usage = port, threading.Event(), 0, 0.0
+        self.num_blocks = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                m = _metrics(self.port)
+                self.peak_running = max(self.peak_running, int(m.get("vllm:num_requests_running", 0)))
+                self.peak_usage = max(self.peak_usage, m.get("vllm:kv_cache_usage_perc", 0.0))
+                self.num_blocks = int(m.get("num_blocks", self.num_blocks))
+            except OSError:
+                pass
+            self.stop.wait(0.25)
+
+
+def bench(server: Server, model_dir: str, num_prompts: int, input_len: int, output_len: int,
+          rate: float | None, concurrency: int | None, seed: int, work: Path) -> dict:
+    """One ``vllm bench serve`` run against ``server``; its saved JSON result."""
+    name = f"bench-{server.port}-{num_prompts}-{input_len}-{rate}-{concurrency}.json"
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "vllm"), "bench", "serve",
+        "--backend", "vllm", "--base-url", f"http://127.0.0.1:{server.port}",
+        "--model", "SmolLM2-135M-Instruct", "--tokenizer", model_dir,
+        "--dataset-name", "random", "--random-input-len", str(input_len),
+        "--random-output-len", str(output_len), "--random-range-ratio", "0",
+        "--num-prompts", str(num_prompts), "--ignore-eos", "--seed", str(seed),
+        "--request-rate", "inf" if rate is None else str(rate),
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+        "--save-result", "--result-dir", str(work), "--result-filename", name,
+    ]
+    if concurrency:
+        cmd += ["--max-concurrency", str(concurrency)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads((work / name).read_text())
+
+
+def measure(scenario: str, config: str, budget: float | None, load: str, server: Server,
+            **bench_args) -> Result:
+    poller = Poller(server.port)
+    poller.start()
+    start = time.perf_counter()
+    try:
+        out = bench(server, **bench_args)
+    finally:
+        poller.stop.set()
+        poller.join()
+    return Result(
+        scenario=scenario, config=config, budget=budget, load=load,
+        completed=out["completed"], failed=out.get("failed", 0),
+        peak_running=poller.peak_running, peak_kv_usage=poller.peak_usage,
+        num_blocks=poller.num_blocks,
+        output_tok_s=out["output_throughput"], request_s=out["request_throughput"],
+        ttft_median_ms=out["median_ttft_ms"], ttft_p99_ms=out["p99_ttft_ms"],
+        tpot_median_ms=out["median_tpot_ms"], tpot_p99_ms=out["p99_tpot_ms"],
+        seconds=time.perf_counter() - start,
+    )
+
+
+# -- reporting ---------------------------------------------------------------------
+
+def with_ratios(results: list[Result]) -> list[dict]:
+    rows = []
+    for r in results:
+        row = asdict(r)
+        base = next((b for b in results if (b.scenario, b.load, b.config) == (r.scenario, r.load, STOCK)), None)
+        if base is not None:
+            for key in ("peak_running", "output_tok_s", "request_s", "tpot_median_ms", "ttft_median_ms"):
+                row[f"{key}_x"] = getattr(r, key) / getattr(base, key) if getattr(base, key) else None
+        rows.append(row)
+    return rows
+
+
+def accuracy_note(budget: float | None) -> str:
+    """Accuracy of this configuration from the committed accuracy report, if any."""
+    path = RESULTS / "accuracy.json"
+    if budget is None or not path.exists():
+        return "full cache" if budget is None else "not measured"
+    rows = [r for r in json.loads(path.read_text())["rows"]
+            if r["method"] == "quantized" and r["budget"] == budget and "correct" in r]
+    if not rows:
+        return "not measured"
+    return ", ".join(f"{r['task']}@{r['context']}: {r['correct']}/{r['samples']}" for r in rows)
+
+
+def table(rows: list[dict]) -> str:
+    head = ["scenario", "load", "config", "done", "peak run", "out tok/s", "req/s",
+            "TTFT p50/p99 ms", "TPOT p50/p99 ms", "x run", "x tok/s", "x TPOT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["scenario"], r["load"], r["config"], f"{r['completed']}/{r['completed'] + r['failed']}",
+            str(r["peak_running"]), f"{r['output_tok_s']:.1f}", f"{r['request_s']:.3f}",
+            f"{r['ttft_median_ms']:.0f}/{r['ttft_p99_ms']:.0f}",
+            f"{r['tpot_median_ms']:.0f}/{r['tpot_p99_ms']:.0f}",
+            x(r.get("peak_running_x")), x(r.get("output_tok_s_x")), x(r.get("tpot_median_ms_x")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pressure = [r for r in rows if r["scenario"] == "pressure" and r["load"] == "burst"]
+    quiet = [r for r in rows if r["scenario"] == "no-pressure"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    labels = [r["config"] for r in pressure]
+    axes[0].bar(labels, [r["output_tok_s"] for r in pressure], color="tab:blue")
+    axes[0].set_title("memory pressure: output tokens/s")
+    axes[1].bar(labels, [r["peak_running"] for r in pressure], color="tab:green")
+    axes[1].set_title("memory pressure: peak running requests")
+    loads = sorted({r["load"] for r in quiet})
+    for config in sorted({r["config"] for r in quiet}):
+        axes[2].plot(loads, [next(r["tpot_median_ms"] for r in quiet if r["load"] == l and r["config"] == config)
+                             for l in loads], marker="o", label=config)
+    axes[2].set_title("no pressure: median TPOT (ms)")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- main --------------------------------------------------------------------------
+
+def stock_bytes_per_token(model_dir: str) -> int:
+    """Stock vLLM's KV bytes per token for the model (all layers, K and V, bf16)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * 2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run for tests (minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--scenarios", nargs="+", default=["pressure", "no-pressure"],
+                        choices=["pressure", "no-pressure"])
+    args = parser.parse_args()
+    setup = QUICK if args.quick else Setup()
+
+    from kvreviver_vllm.models import prepare_default_model
+
+    model_dir = str(prepare_default_model())
+    per_token = stock_bytes_per_token(model_dir)
+    work = Path(tempfile.mkdtemp(prefix="kvreviver-throughput-"))
+    results: list[Result] = []
+
+    def run(scenario, budget, pool_bytes, max_len, loads):
+        config = STOCK if budget is None else f"kvreviver@{budget:g}"
+        print(f"[throughput] {scenario}: {config} ...", flush=True)
+        with Server(budget, pool_bytes, max_len, setup.block_size, work) as server:
+            for load, bench_args in loads:
+                r = measure(scenario, config, budget, load, server, model_dir=model_dir,
+                            seed=args.seed, work=work, **bench_args)
+                print(f"[throughput]   {load}: {r.completed} done, peak running {r.peak_running}, "
+                      f"{r.output_tok_s:.1f} tok/s, TPOT p50 {r.tpot_median_ms:.0f} ms", flush=True)
+                results.append(r)
+
+    if "pressure" in args.scenarios:
+        request_tokens = setup.input_len + setup.output_len
+        pool = setup.pool_requests * request_tokens * per_token
+        max_len = request_tokens + 64
+        common = dict(num_prompts=setup.requests, input_len=setup.input_len,
+                      output_len=setup.output_len, concurrency=None)
+        for budget in (None, *setup.budgets):
+            loads = [("burst", dict(common, rate=None))]
+            if budget is None or budget in setup.poisson_budgets:
+                loads.append(("poisson", dict(common, rate=setup.rate)))
+            run("pressure", budget, pool, max_len, loads)
+
+    if "no-pressure" in args.scenarios:
+        max_len = max(setup.contexts) + setup.decode_tokens + 64
+        pool = 2 * max(setup.concurrency) * max_len * per_token
+        loads = [
+            (f"c{c}@{n}", dict(num_prompts=c, input_len=n, output_len=setup.decode_tokens,
+                               rate=None, concurrency=c))
+            for n in setup.contexts for c in setup.concurrency
+            if not (n > 4096 and c > 1)  # 16 prompts of 8k: too long for a 2-core run
+        ]
+        for budget in (None, setup.no_pressure_budget):
+            run("no-pressure", budget, pool, max_len, loads)
+
+    rows = with_ratios(results)
+    print(table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "throughput_quick" if args.quick else "throughput"
+    report = dict(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), seed=args.seed,
+        setup=asdict(setup), stock_bytes_per_token=per_token, rows=rows,
+        accuracy={cfg: accuracy_note(b) for cfg, b in
+                  {r["config"]: r["budget"] for r in rows}.items()},
+    )
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    plot(rows, args.out / f"{stem}.png")
+    print(f"[throughput] wrote {args.out / stem}.{{json,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""benchmarks/accuracy.py: its metrics, and its --quick grid end to end in real vLLM."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+
+
+def test_agreement_counts_tokens_before_the_first_difference():
+    a = list(range(accuracy.MAX_TOKENS))
+    assert accuracy.agreement(a, a) == 1.0
+    assert accuracy.agreement(a, a[:8] + [-1] * 24) == 8 / accuracy.MAX_TOKENS
+    assert accuracy.agreement(a, [-1] + a[1:]) == 0.0
+
+
+def test_top_k_kl_is_zero_for_equal_and_grows_with_disagreement():
+    full = {1: math.log(0.6), 2: math.log(0.3)}
+    assert accuracy.top_k_kl(full, full) == pytest.approx(0.0, abs=1e-9)
+    close = {1: math.log(0.55), 2: math.log(0.35)}
+    far = {3: math.log(0.9), 1: math.log(0.05)}  # token 2 missing: gets 0.05
+    assert 0 < accuracy.top_k_kl(full, close) < accuracy.top_k_kl(full, far)
+
+
+def test_uniform_bits_is_the_widest_width_that_holds_every_token():
+    slot_bytes = 264  # bf16, head size 64
+    assert accuracy.uniform_bits(0.5, 2048, 64, slot_bytes, 68) == 4
+    assert accuracy.uniform_bits(0.25, 2048, 64, slot_bytes, 68) == 2
+    assert accuracy.uniform_bits(0.1, 2048, 64, slot_bytes, 68) is None
+    assert accuracy.engine_kwargs("uniform", 0.1, None) is None
+    section = accuracy.engine_kwargs("uniform", 0.25, 2)["additional_config"]["kvreviver"]
+    assert section == {"budget": 0.25, "variant": "quantized", "candidates": False, "bits": 2}
+
+
+@pytest.mark.engine
+def test_quick_grid_end_to_end(tmp_path, model_dir):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "accuracy_quick.json").read_text())
+    assert (tmp_path / "accuracy_quick.png").stat().st_size > 0
+    assert "| full |" in (tmp_path / "accuracy_quick.md").read_text()
+    grid = accuracy.QUICK
+    rows = {(r["method"], r["task"]): r for r in report["rows"]}
+    # Every method ran every task on every sample.
+    assert set(rows) == {(m, t) for m in grid.methods for t in grid.tasks}
+    for (method, task), row in rows.items():
+        assert row["samples"] == grid.samples and row["context"] == grid.contexts[0]
+        if task == "loss":
+            assert 0 < row["loss"] < 20
+        else:
+            assert 0 <= row["correct"] <= row["samples"]
+            assert 0 <= row["agreement"] <= 1 and row["kl"] >= 0
+    # The reference agrees with itself; its own passkeys are found at ~1k tokens.
+    assert rows[("full", "passkey-repeat")]["agreement"] == 1.0
+    assert rows[("full", "passkey-repeat")]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[("full", "loss")]["loss_delta"] == 0.0
+    assert rows[("full", "passkey-repeat")]["correct"] == grid.samples
+    # The compressed runs really went through the KVReviver backend.
+    configs = {r["method"]: r["config"] for r in report["runs"]}
+    assert configs["quantized"]["attention_backend"] == "kvreviver"
+    assert configs["quantized"]["additional_config"]["kvreviver"]["budget"] == grid.budgets[0]

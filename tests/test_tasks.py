@@ -1,0 +1,64 @@
+"""The seeded accuracy tasks: reproducible, about the asked length, answer inside."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvreviver_vllm import tasks
+from kvreviver_vllm.tasks import RETRIEVAL_TASKS, TASKS, Sample, TaskGenerator, is_correct
+
+
+@pytest.fixture(scope="module")
+def generator(tokenizer):
+    return TaskGenerator(tokenizer)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("context", [1024, 2048])
+def test_samples_are_seeded_and_about_the_asked_length(generator, tokenizer, task, context):
+    samples = generator.samples(task, context, 3, seed=0)
+    again = generator.samples(task, context, 3, seed=0)
+    other = generator.samples(task, context, 3, seed=1)
+    assert [s.prompt_ids for s in samples] == [s.prompt_ids for s in again]
+    assert [s.prompt_ids for s in samples] != [s.prompt_ids for s in other]
+    for s in samples:
+        assert s.task == task and s.context == context
+        assert 0.85 * context <= len(s.prompt_ids) <= 1.15 * context
+        if task == "loss":
+            assert s.answer == "" and s.scored_tokens == context // 8
+            continue
+        text = tokenizer.decode(s.prompt_ids)
+        # The answer is in the prompt, before the last 10% (the recent window).
+        head = tokenizer.decode(s.prompt_ids[: int(0.9 * len(s.prompt_ids))])
+        assert s.answer in head and s.answer.isdigit()
+        assert text.rstrip().endswith(("is", "="))
+
+
+def test_multikey_asks_for_one_of_several_similar_keys(generator, tokenizer):
+    for s in generator.samples("multikey", 1024, 4, seed=3):
+        text = tokenizer.decode(s.prompt_ids)
+        assert text.count("The pass key of the") == 5  # four needles and the question
+        assert text.count(s.answer) == 1
+
+
+def test_answers_are_matched_as_whole_numbers():
+    sample = Sample("passkey-repeat", [], 100, "12345")
+    assert is_correct(sample, " 12345. Remember it.")
+    assert not is_correct(sample, " 123456")
+    assert not is_correct(sample, " 912345")
+    assert not is_correct(sample, " 1234")
+
+
+def test_unknown_task_names_the_allowed_ones(generator):
+    with pytest.raises(ValueError, match="unknown task 'needle': allowed tasks are passkey-repeat"):
+        generator.samples("needle", 1024, 1, 0)
+
+
+def test_missing_text_names_the_debian_package(monkeypatch, tmp_path, tokenizer):
+    monkeypatch.setattr(tasks, "FORTUNES_DIR", tmp_path)
+    with pytest.raises(tasks.MissingTextError, match=r"apt-get install -y fortunes"):
+        TaskGenerator(tokenizer).samples("passkey-natural", 1024, 1, 0)
+
+
+def test_retrieval_tasks_are_all_tasks_but_loss():
+    assert set(TASKS) - set(RETRIEVAL_TASKS) == {"loss"}
