@@ -15,7 +15,9 @@ next step can bring (one while decoding, the staging room ``s`` otherwise) would
 exceed ``limit_tokens(n)``: a decoding request down to ``budget_tokens(n)``, a
 prompt chunk down to ``budget_tokens(n + s)``. Since a budget grows by at most
 one slot per token, occupancy plus the next step's ``q <= s`` tokens then fits
-in the ``held_tokens(n + q)`` slots the manager gives it.
+in the ``held_tokens(n + q)`` slots the manager gives it. A request's first
+decode step also compacts it to ``budget_tokens(n)``, so from its second output
+token on it attends to at most its budget plus the tokens generated since.
 """
 
 from __future__ import annotations
@@ -55,6 +57,25 @@ class KVReviverSpec(FullAttentionSpec):
 
     def limit_tokens(self, num_tokens: int) -> int:
         return round_up(self.budget_tokens(num_tokens) + self.staging_tokens, self.block_size)
+
+    def compaction_target(self, used: int, num_tokens: int, decoding: bool,
+                          settled: bool) -> int | None:
+        """The length whose ``budget_tokens`` a request is compacted to after this
+        step, or None to leave it. ``used``: slots it holds with this step's
+        tokens; ``num_tokens``: its logical length; ``settled``: whether it had
+        a decode step before."""
+        if decoding and not settled:
+            # The prompt is whole and its end (the question) has scored every
+            # token: now cut to the budget.
+            return num_tokens if used > self.budget_tokens(num_tokens) else None
+        next_tokens = 1 if decoding else self.staging_tokens
+        if used + next_tokens <= self.limit_tokens(num_tokens):
+            return None
+        # A prompt chunk keeps all that the next chunk's cap leaves room for: its
+        # tokens were scored without the prompt's end, so cut them least. A
+        # decoding request goes back to its budget, leaving room to grow for
+        # many steps.
+        return num_tokens if decoding else num_tokens + next_tokens
 
     def held_tokens(self, num_tokens: int) -> int:
         """Slots the manager backs with blocks for a request of ``num_tokens``."""

@@ -152,9 +152,10 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             config, kv_cache_spec.head_size, kv_cache_spec.state_content_size_bytes,
             kv_cache_spec.dtype,
         )
-        # (vague tokens, exact tokens) after the last step, by the request's first
-        # block id (stable while it runs; prefix caching is off when compressing).
-        self.state: dict[int, tuple[int, int]] = {}
+        # (vague tokens, exact tokens, settled) after the last step, by the
+        # request's first block id (stable while it runs; prefix caching is off
+        # when compressing). Settled: its first decode step brought it to budget.
+        self.state: dict[int, tuple[int, int, bool]] = {}
 
     def build(
         self,
@@ -179,7 +180,9 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         for row, (q_len, logical, first) in enumerate(zip(q_lens, logical_lens, first_blocks)):
             # A request with no computed tokens starts (or, after preemption,
             # restarts) from an empty cache.
-            num_vague, num_exact = (0, 0) if logical == q_len else self.state[first]
+            num_vague, num_exact, settled = (
+                (0, 0, False) if logical == q_len else self.state[first]
+            )
             pages = self.store.slots_for(num_vague) if num_vague else 0
             used = pages + num_exact + q_len
             if used > self.spec.held_tokens(logical):
@@ -194,19 +197,15 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             # A decoding request gets one token per step until it finishes or is
             # preempted (which restarts it empty); anything else may get a chunk.
             decoding = q_len == 1 and not prefilling[row]
-            next_tokens = 1 if decoding else self.spec.staging_tokens
-            if used + next_tokens > self.spec.limit_tokens(logical):
-                # A prompt chunk keeps all that the next chunk's cap leaves room
-                # for (early chunks are scored without the prompt's end, so cut
-                # them least); a decoding request goes back to its budget, which
-                # leaves it room to grow for many steps.
-                target = logical if decoding else logical + next_tokens
+            target = self.spec.compaction_target(used, logical, decoding, settled)
+            settled = settled or decoding
+            if target is not None:
                 num_exact, num_vague = policy.split_budget(
                     self.spec.budget_tokens(target), num_exact, num_vague,
                     self.protected, self.store, self.candidates,
                 )
                 compactions.append((row, num_exact, num_vague))
-            self.state[first] = (num_vague, num_exact)
+            self.state[first] = (num_vague, num_exact, settled)
 
         num_new = int(qsl[-1])
         token_row = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(q_lens))
