@@ -39,19 +39,50 @@ inline float* slot_score(scalar_t* slot, int64_t d) {
 constexpr int64_t kTileRows = 8;
 
 template <typename scalar_t>
-inline float dot(const float* __restrict__ q, const scalar_t* __restrict__ k,
-                 int64_t d) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) acc += q[i] * static_cast<float>(k[i]);
-  return acc;
-}
-
-template <typename scalar_t>
 inline void axpy(float* __restrict__ acc, float p,
                  const scalar_t* __restrict__ v, int64_t d) {
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) acc[i] += p * static_cast<float>(v[i]);
+}
+
+// exp(x) for x <= 0 (softmax weights), vectorizable: Cephes' expf (range
+// reduction by ln 2, degree-6 polynomial, exponent bits), ~1 ulp; x below
+// -87 gives ~1e-38 instead of a denormal.
+inline float softmax_exp(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// logits[row * span + j] = q_row . k_j for the tile's query rows and n keys
+// given transposed, kt[d * n + j] (float): broadcast-FMA over keys, so no
+// horizontal reductions. The query rows are pre-scaled.
+inline void tile_logits(const float* __restrict__ qf, int64_t rows, int64_t head_size,
+                        const float* __restrict__ kt, int64_t n,
+                        float* __restrict__ logits, int64_t span) {
+  for (int64_t row = 0; row < rows; ++row) {
+    float* __restrict__ l = logits + row * span;
+    const float* q = qf + row * head_size;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) l[j] = 0.f;
+    for (int64_t d = 0; d < head_size; ++d) {
+      const float qd = q[d];
+      const float* __restrict__ k = kt + d * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) l[j] += qd * k[j];
+    }
+  }
 }
 
 // A request's quantized vague store (kvreviver_vllm/stores/quantized.py): its
@@ -77,7 +108,8 @@ inline float half_to_float(const uint8_t* p) {
 // Unpacks `d` codes of `bits` bits from a little-endian bit stream and
 // dequantizes them with per-group (scale, min).
 inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
-                       int64_t d, int64_t bits, int64_t group, float* out) {
+                       int64_t d, int64_t bits, int64_t group, float* out,
+                       int64_t stride = 1) {
   const uint32_t mask = (1u << bits) - 1;
   for (int64_t g = 0; g < d / group; ++g) {
     const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
@@ -85,7 +117,7 @@ inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t
       const int64_t bit = i * bits;
       uint32_t word = codes[bit >> 3];
       if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
-      out[i] = static_cast<float>((word >> (bit & 7)) & mask) * s + m;
+      out[i * stride] = static_cast<float>((word >> (bit & 7)) & mask) * s + m;
     }
   }
 }
@@ -154,7 +186,10 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     std::vector<float> scored(max_rows);  // 1 where the row adds to scores
     std::vector<float> inv_sum(max_rows);
     std::vector<uint8_t> records(max_store_slots * slot_bytes);
-    std::vector<float> vague_k(max_vague * head_size), vague_v(max_vague * head_size);
+    // Vague keys transposed ([D, nv]) for tile_logits, values row-major.
+    std::vector<float> vague_kt(max_vague * head_size), vague_v(max_vague * head_size);
+    // One cache block of exact keys (transposed) or values, as float.
+    std::vector<float> block_f(block_size * head_size);
 
     for (int64_t item = begin; item < end; ++item) {
       const Item& tile = tiles[item / num_kv_heads];
@@ -184,7 +219,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
           const scalar_t* q = q_base + (tile.row0 + t) * q_tok_stride +
                               (h * group + g) * q_head_stride;
           for (int64_t d = 0; d < head_size; ++d)
-            qf[row * head_size + d] = static_cast<float>(q[d]);
+            qf[row * head_size + d] = static_cast<float>(q[d]) * fscale;
         }
       }
 
@@ -197,24 +232,21 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         const uint8_t* params = rec + 2 * code_bytes;
         const int64_t ng = head_size / store.group;
         dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
-                   &vague_k[j * head_size]);
+                   &vague_kt[j], nv);
         dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size,
                    store.bits, store.group, &vague_v[j * head_size]);
-        for (int64_t row = 0; row < rows; ++row)
-          logits[row * span + j] =
-              dot(&qf[row * head_size], &vague_k[j * head_size], head_size) * fscale;
       }
+      if (nv > 0) tile_logits(qf.data(), rows, head_size, vague_kt.data(), nv, logits.data(), span);
 
       // Exact logits, one run of slots within a cache block at a time.
       for (int64_t s = first_exact; s < first_exact + span - nv;) {
         const int64_t n = std::min(block_size - s % block_size, first_exact + span - nv - s);
         const scalar_t* blk = slot_ptr(s);
-        for (int64_t o = 0; o < n; ++o) {
-          const scalar_t* k = blk + o * slot_stride;
-          const int64_t j = nv + s - first_exact + o;
-          for (int64_t row = 0; row < rows; ++row)
-            logits[row * span + j] = dot(&qf[row * head_size], k, head_size) * fscale;
-        }
+        for (int64_t o = 0; o < n; ++o)
+          for (int64_t d = 0; d < head_size; ++d)
+            block_f[d * n + o] = static_cast<float>(blk[o * slot_stride + d]);
+        tile_logits(qf.data(), rows, head_size, block_f.data(), n,
+                    &logits[nv + s - first_exact], span);
         s += n;
       }
 
@@ -223,10 +255,12 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         float* l = &logits[row * span];
         const int64_t vis = visible[row];
         float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
         for (int64_t j = 0; j < vis; ++j) m = std::max(m, l[j]);
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < vis; ++j) {
-          l[j] = std::exp(l[j] - m);
+          l[j] = softmax_exp(l[j] - m);
           sum += l[j];
         }
         for (int64_t j = vis; j < span; ++j) l[j] = 0.f;
@@ -236,7 +270,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
       std::fill(acc.begin(), acc.begin() + rows * head_size, 0.f);
       // Adds key j's weights to the outputs; returns the attention it received
       // from the scoring rows.
-      auto accumulate = [&](int64_t j, const auto* v) {
+      auto accumulate = [&](int64_t j, const float* v) {
         float received = 0.f;
         for (int64_t row = 0; row < rows; ++row) {
           const float p = logits[row * span + j];
@@ -257,8 +291,11 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
       for (int64_t s = first_exact; s < first_exact + span - nv;) {
         const int64_t n = std::min(block_size - s % block_size, first_exact + span - nv - s);
         scalar_t* blk = slot_ptr(s);
+        for (int64_t o = 0; o < n; ++o)
+          for (int64_t d = 0; d < head_size; ++d)
+            block_f[o * head_size + d] = static_cast<float>(blk[o * slot_stride + head_size + d]);
         for (int64_t o = 0; o < n; ++o) {
-          const float received = accumulate(nv + s - first_exact + o, blk + o * slot_stride + head_size);
+          const float received = accumulate(nv + s - first_exact + o, &block_f[o * head_size]);
           if (received != 0.f) {
             // Other query tiles of this request may add to the same slot.
             std::atomic_ref<float>(*slot_score(blk + o * slot_stride, head_size))
