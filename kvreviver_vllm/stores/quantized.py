@@ -64,12 +64,21 @@ class QuantizedStore(VagueStore):
         return (g * scale.float()[..., None] + lo.float()[..., None]).view(codes.shape[0], self.head_size)
 
     def _pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if 8 % self.bits == 0:  # whole codes per byte: shift and add, no bit tensor
+            per_byte = 8 // self.bits
+            grouped = codes.view(codes.shape[0], self.code_bytes, per_byte).to(torch.int32)
+            shifts = torch.arange(0, 8, self.bits, device=codes.device, dtype=torch.int32)
+            return (grouped << shifts).sum(-1).to(torch.uint8)
         shifts = torch.arange(self.bits, device=codes.device)
         bits = (codes[..., None].long() >> shifts) & 1  # [N, D, b], little-endian
         bits = bits.view(codes.shape[0], self.code_bytes, 8)
         return (bits << torch.arange(8, device=codes.device)).sum(-1).to(torch.uint8)
 
     def _unpack_codes(self, packed: torch.Tensor) -> torch.Tensor:
+        if 8 % self.bits == 0:
+            shifts = torch.arange(0, 8, self.bits, device=packed.device, dtype=torch.int32)
+            codes = (packed[..., None].to(torch.int32) >> shifts) & (2**self.bits - 1)
+            return codes.view(packed.shape[0], self.head_size).to(torch.uint8)
         bits = (packed[..., None].long() >> torch.arange(8, device=packed.device)) & 1
         bits = bits.view(packed.shape[0], self.head_size, self.bits)
         return (bits << torch.arange(self.bits, device=packed.device)).sum(-1).to(torch.uint8)
@@ -94,10 +103,16 @@ class QuantizedStore(VagueStore):
         kc = self._unpack_codes(records[:, :cb])
         vc = self._unpack_codes(records[:, cb : 2 * cb])
         params = records[:, 2 * cb : -8].contiguous().view(torch.float16).view(n, 4, self.num_groups)
-        meta = records[:, -8:].contiguous().view(torch.int32)
         keys = self.dequantize(kc, params[:, 0], params[:, 1])
         values = self.dequantize(vc, params[:, 2], params[:, 3])
-        return keys, values, meta[:, 0], meta[:, 1].view(torch.float32)
+        return keys, values, *self.meta(records)
+
+    @staticmethod
+    def meta(records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (int32) and scores (float32) ``[N]`` of records, read without
+        unpacking their codes."""
+        meta = records[:, -8:].contiguous().view(torch.int32)
+        return meta[:, 0], meta[:, 1].view(torch.float32)
 
     def with_scores(self, records: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         out = records.clone()
@@ -123,7 +138,7 @@ class QuantizedStore(VagueStore):
 
     def add_attention(self, pages: torch.Tensor, num_tokens: int, received: torch.Tensor):
         records = self.from_pages(pages, num_tokens)
-        return self.to_pages(self.with_scores(records, self.decode(records)[3] + received))
+        return self.to_pages(self.with_scores(records, self.meta(records)[1] + received))
 
     def absorb(self, pages, num_tokens, keys, values, positions, scores, keep, seed):
         """Old records plus the demoted tokens' records; the ``keep`` best-scored
@@ -132,7 +147,7 @@ class QuantizedStore(VagueStore):
         records = torch.cat(
             [self.from_pages(pages, num_tokens), self.encode(keys, values, positions, scores)]
         )
-        _, _, rec_positions, rec_scores = self.decode(records)
+        rec_positions, rec_scores = self.meta(records)
         best = rec_scores.topk(keep).indices
         best = best[rec_positions[best].argsort()]
         return self.to_pages(self.with_scores(records[best], torch.zeros(keep)))
