@@ -368,8 +368,11 @@ def main() -> int:
         samples = [s for c in contexts for s in samples_by_context[c]]
         print(f"[accuracy] {_label(method, budget)}: {len(samples)} prompts ...", flush=True)
         run = run_method(model_dir, method, budget, kwargs, samples, args.chunk)
-        print(f"[accuracy] {_label(method, budget)}: {run.seconds:.0f} s", flush=True)
         runs.append(run)
+        rows = [row for run in runs for row in summarize(run, runs[0])]
+        print(f"[accuracy] {_label(method, budget)}: {run.seconds:.0f} s", flush=True)
+        print(markdown([r for r in rows if (r["method"], r["budget"]) == (method, budget)],
+                       grid, []), flush=True)
 
     rows = [row for run in runs for row in summarize(run, runs[0])]
     table = markdown(rows, grid, skipped)
