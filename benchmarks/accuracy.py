@@ -179,6 +179,31 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
     return run
 
 
+def stock_run_cached(model_dir: str, method: str, kwargs: dict, samples, chunk: int,
+                     cache_dir: Path) -> Run:
+    """Stock vLLM runs do not depend on this package's code: reuse a saved run of
+    the same prompts, settings and vLLM version."""
+    import hashlib
+
+    import vllm
+
+    key = hashlib.sha1(json.dumps(
+        [method, kwargs, chunk, MAX_TOKENS, TOP_LOGPROBS, vllm.__version__, model_dir,
+         [(s.task, s.context, s.prompt_ids, s.scored_tokens) for s in samples]],
+    ).encode()).hexdigest()[:16]
+    path = cache_dir / f"{method}-{key}.json"
+    if path.exists():
+        raw = json.loads(path.read_text())
+        results = [SampleResult(**{**r, "first_logprobs": {int(t): lp for t, lp in r["first_logprobs"].items()}})
+                   for r in raw["results"]]
+        print(f"[accuracy] {method}: reusing {path}", flush=True)
+        return Run(method, None, kwargs, raw["seconds"], results)
+    run = run_method(model_dir, method, None, kwargs, samples, chunk)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(seconds=run.seconds, results=[asdict(r) for r in run.results])))
+    return run
+
+
 # -- metrics -------------------------------------------------------------------
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -319,6 +344,8 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", help="subset of tasks")
     parser.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (default 512)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--cache", type=Path, default=RESULTS / ".cache",
+                        help="saved stock-vLLM runs (reused when prompts and settings match)")
     args = parser.parse_args()
 
     grid = QUICK if args.quick else STANDARD
@@ -367,7 +394,10 @@ def main() -> int:
             continue
         samples = [s for c in contexts for s in samples_by_context[c]]
         print(f"[accuracy] {_label(method, budget)}: {len(samples)} prompts ...", flush=True)
-        run = run_method(model_dir, method, budget, kwargs, samples, args.chunk)
+        if budget is None:
+            run = stock_run_cached(model_dir, method, kwargs, samples, args.chunk, args.cache)
+        else:
+            run = run_method(model_dir, method, budget, kwargs, samples, args.chunk)
         runs.append(run)
         rows = [row for run in runs for row in summarize(run, runs[0])]
         print(f"[accuracy] {_label(method, budget)}: {run.seconds:.0f} s", flush=True)

@@ -90,7 +90,7 @@ class QuantizedStore(VagueStore):
         n = keys.shape[0]
         kc, ks, kl = self.quantize(keys)
         vc, vs, vl = self.quantize(values)
-        params = torch.stack([ks, kl, vs, vl], dim=1).view(torch.uint8).reshape(n, -1)
+        params = torch.stack([ks, kl, vs, vl], dim=1).view(torch.uint8).reshape(n, 8 * self.num_groups)
         meta = torch.stack([positions.to(torch.int32), scores.float().view(torch.int32)], dim=1)
         return torch.cat(
             [self._pack_codes(kc), self._pack_codes(vc), params, meta.view(torch.uint8).reshape(n, 8)],

@@ -1,0 +1,57 @@
+"""benchmarks/throughput.py --quick: both servers serve every request; the report's shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import throughput  # noqa: E402
+
+
+def test_ratios_are_against_stock_in_the_same_scenario_and_load():
+    stock = throughput.Result("pressure", "stock", None, "burst", completed=4, peak_running=2,
+                              output_tok_s=10.0, request_s=1.0, tpot_median_ms=100.0,
+                              ttft_median_ms=50.0)
+    ours = throughput.Result("pressure", "kvreviver@0.1", 0.1, "burst", completed=4,
+                             peak_running=8, output_tok_s=25.0, request_s=2.0,
+                             tpot_median_ms=120.0, ttft_median_ms=40.0)
+    rows = throughput.with_ratios([stock, ours])
+    assert rows[1]["peak_running_x"] == 4.0 and rows[1]["output_tok_s_x"] == 2.5
+    assert rows[1]["tpot_median_ms_x"] == pytest.approx(1.2)
+    assert rows[0]["peak_running_x"] == 1.0
+
+
+@pytest.mark.engine
+def test_quick_run_serves_every_request_on_both_engines(tmp_path, model_dir):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "throughput_quick.json").read_text())
+    assert (tmp_path / "throughput_quick.png").stat().st_size > 0
+    setup = throughput.QUICK
+    rows = report["rows"]
+    configs = {(r["scenario"], r["config"]) for r in rows}
+    assert configs == {
+        ("pressure", "stock"), ("pressure", f"kvreviver@{setup.budgets[0]:g}"),
+        ("no-pressure", "stock"), ("no-pressure", f"kvreviver@{setup.no_pressure_budget:g}"),
+    }
+    for r in rows:
+        expected = setup.requests if r["scenario"] == "pressure" else int(r["load"][1:].split("@")[0])
+        assert (r["completed"], r["failed"]) == (expected, 0), r
+        assert r["output_tok_s"] > 0 and r["tpot_median_ms"] > 0 and r["peak_running"] >= 1
+        assert r["num_blocks"] > 0
+        assert r["peak_running_x"] is not None  # a stock row exists for every load
+    # Same KV bytes for both engines under pressure; stock's pool holds
+    # pool_requests requests, ours more (the cap is the budget plus staging).
+    pressure = {r["config"]: r for r in rows if r["scenario"] == "pressure"}
+    assert pressure["stock"]["peak_running"] <= setup.pool_requests
+    assert set(report["accuracy"]) == {r["config"] for r in rows}
