@@ -1,8 +1,10 @@
 """Serving throughput: stock vLLM against vLLM + KVReviver, same KV memory, same requests.
 
 Each configuration is a real ``kvreviver serve`` (the OpenAI server, ``vllm serve`` with
-this package's CPU defaults: bf16, eager, chunks of 512 tokens, no prefix caching) on
-the default model; stock vLLM is the same command with ``--attention-backend CPU_ATTN``.
+this package's CPU defaults: bf16, eager, no prefix caching) on the default model; stock
+vLLM is the same command with ``--attention-backend CPU_ATTN``. Stock vLLM prefills in
+chunks of 512 tokens (``--max-num-batched-tokens``); KVReviver in chunks of 128, since
+every request holds that staging room on top of its budget.
 The load is vLLM's own ``vllm bench serve`` (random-token prompts, seeded, EOS ignored),
 and a thread polls the server's ``/metrics`` for running requests and KV usage.
 
@@ -40,7 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,11 +64,19 @@ class Setup:
     decode_tokens: int = 64
     no_pressure_budget: float = 0.1
     block_size: int = 32
+    shared_servers: bool = False
+    """Run the no-pressure loads on the pressure scenario's servers (--quick only:
+    one server start per engine)."""
+    stock_chunk: int = 512
+    """--max-num-batched-tokens of stock vLLM (the serve default here)."""
+    chunk: int = 128
+    """--max-num-batched-tokens with KVReviver: every request holds this staging room
+    on top of its budget, so it is kept small under memory pressure."""
 
 
 QUICK = Setup(requests=4, input_len=512, output_len=16, pool_requests=2, budgets=(0.25,),
               rate=2.0, poisson_budgets=(), concurrency=(2,), contexts=(512,), decode_tokens=8,
-              no_pressure_budget=0.25)
+              no_pressure_budget=0.25, shared_servers=True)
 
 
 @dataclass
@@ -87,7 +97,6 @@ class Result:
     tpot_median_ms: float = 0.0
     tpot_p99_ms: float = 0.0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 # -- the server ------------------------------------------------------------------
@@ -115,11 +124,11 @@ class Server:
     """``kvreviver serve`` for one configuration, stopped on exit."""
 
     def __init__(self, budget: float | None, pool_bytes: int, max_len: int, block_size: int,
-                 log_dir: Path) -> None:
+                 chunk: int, log_dir: Path) -> None:
         self.port = _free_port()
         args = ["--port", str(self.port), "--max-model-len", str(max_len),
                 "--kv-cache-memory-bytes", str(pool_bytes), "--block-size", str(block_size),
-                "--max-num-seqs", "256"]
+                "--max-num-seqs", "256", "--max-num-batched-tokens", str(chunk)]
         if budget is None:
             args += ["--attention-backend", "CPU_ATTN"]
         else:
@@ -309,6 +318,8 @@ def main() -> int:
                         choices=["pressure", "no-pressure"])
     args = parser.parse_args()
     setup = QUICK if args.quick else Setup()
+    if setup.shared_servers and "pressure" not in args.scenarios:
+        parser.error("--quick runs both scenarios on the same servers: keep 'pressure'")
 
     from kvreviver_vllm.models import prepare_default_model
 
@@ -317,17 +328,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kvreviver-throughput-"))
     results: list[Result] = []
 
-    def run(scenario, budget, pool_bytes, max_len, loads):
-        config = STOCK if budget is None else f"kvreviver@{budget:g}"
-        print(f"[throughput] {scenario}: {config} ...", flush=True)
-        with Server(budget, pool_bytes, max_len, setup.block_size, work) as server:
-            for load, bench_args in loads:
-                r = measure(scenario, config, budget, load, server, model_dir=model_dir,
-                            seed=args.seed, work=work, **bench_args)
-                print(f"[throughput]   {load}: {r.completed} done, peak running {r.peak_running}, "
-                      f"{r.output_tok_s:.1f} tok/s, TPOT p50 {r.tpot_median_ms:.0f} ms", flush=True)
-                results.append(r)
-
+    # (budget, pool bytes, max model len) -> [(scenario, load, bench args)]: each
+    # server starts once and runs every load planned for it.
+    plan: dict[tuple, list[tuple[str, str, dict]]] = {}
     if "pressure" in args.scenarios:
         request_tokens = setup.input_len + setup.output_len
         pool = setup.pool_requests * request_tokens * per_token
@@ -335,23 +338,39 @@ def main() -> int:
         common = dict(num_prompts=setup.requests, input_len=setup.input_len,
                       output_len=setup.output_len, concurrency=None)
         for budget in (None, *setup.budgets):
-            loads = [("burst", dict(common, rate=None))]
+            loads = plan.setdefault((budget, pool, max_len), [])
+            loads.append(("pressure", "burst", dict(common, rate=None)))
             if budget is None or budget in setup.poisson_budgets:
-                loads.append(("poisson", dict(common, rate=setup.rate)))
-            run("pressure", budget, pool, max_len, loads)
-
+                loads.append(("pressure", "poisson", dict(common, rate=setup.rate)))
     if "no-pressure" in args.scenarios:
-        max_len = max(setup.contexts) + setup.decode_tokens + 64
-        pool = 2 * max(setup.concurrency) * max_len * per_token
-        loads = [
-            (f"c{c}@{n}", dict(num_prompts=c, input_len=n, output_len=setup.decode_tokens,
-                               rate=None, concurrency=c))
-            for n in setup.contexts for c in setup.concurrency
-            if not (n > 4096 and c > 1)  # 16 prompts of 8k: too long for a 2-core run
-        ]
+        if not setup.shared_servers:
+            max_len = max(setup.contexts) + setup.decode_tokens + 64
+            pool = 2 * max(setup.concurrency) * max_len * per_token
         for budget in (None, setup.no_pressure_budget):
-            run("no-pressure", budget, pool, max_len, loads)
+            loads = plan.setdefault((budget, pool, max_len), [])
+            loads += [
+                ("no-pressure", f"c{c}@{n}",
+                 dict(num_prompts=c, input_len=n, output_len=setup.decode_tokens, rate=None,
+                      concurrency=c))
+                for n in setup.contexts for c in setup.concurrency
+                if not (n > 4096 and c > 1)  # 16 prompts of 8k: too long for a 2-core run
+            ]
 
+    for (budget, pool, max_len), loads in plan.items():
+        config = STOCK if budget is None else f"kvreviver@{budget:g}"
+        chunk = setup.stock_chunk if budget is None else setup.chunk
+        print(f"[throughput] {config}, pool {pool / 2**20:.0f} MiB ...", flush=True)
+        with Server(budget, pool, max_len, setup.block_size, chunk, work) as server:
+            for scenario, load, bench_args in loads:
+                r = measure(scenario, config, budget, load, server, model_dir=model_dir,
+                            seed=args.seed, work=work, **bench_args)
+                print(f"[throughput]   {scenario} {load}: {r.completed} done, peak running "
+                      f"{r.peak_running}, {r.output_tok_s:.1f} tok/s, TPOT p50 "
+                      f"{r.tpot_median_ms:.0f} ms", flush=True)
+                results.append(r)
+
+    order = {"pressure": 0, "no-pressure": 1}
+    results.sort(key=lambda r: (order[r.scenario], r.load, r.budget or 0.0))
     rows = with_ratios(results)
     print(table(rows))
     args.out.mkdir(parents=True, exist_ok=True)

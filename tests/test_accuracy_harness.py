@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from bench_script import BENCHMARKS, run_quick
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
 
@@ -43,13 +40,7 @@ def test_uniform_bits_is_the_widest_width_that_holds_every_token():
 
 @pytest.mark.engine
 def test_quick_grid_end_to_end(tmp_path, model_dir):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "accuracy_quick.json").read_text())
-    assert (tmp_path / "accuracy_quick.png").stat().st_size > 0
+    report = run_quick("accuracy.py", tmp_path, "accuracy_quick.json", timeout=900)
     assert "| full |" in (tmp_path / "accuracy_quick.md").read_text()
     grid = accuracy.QUICK
     rows = {(r["method"], r["task"]): r for r in report["rows"]}

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from bench_script import BENCHMARKS, run_quick
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(BENCHMARKS))
 
 import throughput  # noqa: E402
 
@@ -30,13 +27,7 @@ def test_ratios_are_against_stock_in_the_same_scenario_and_load():
 
 @pytest.mark.engine
 def test_quick_run_serves_every_request_on_both_engines(tmp_path, model_dir):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "throughput_quick.json").read_text())
-    assert (tmp_path / "throughput_quick.png").stat().st_size > 0
+    report = run_quick("throughput.py", tmp_path, "throughput_quick.json", timeout=1200)
     setup = throughput.QUICK
     rows = report["rows"]
     configs = {(r["scenario"], r["config"]) for r in rows}
