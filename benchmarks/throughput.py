@@ -128,7 +128,8 @@ class Server:
         self.port = _free_port()
         args = ["--port", str(self.port), "--max-model-len", str(max_len),
                 "--kv-cache-memory-bytes", str(pool_bytes), "--block-size", str(block_size),
-                "--max-num-seqs", "256", "--max-num-batched-tokens", str(chunk)]
+                # vLLM wants at least as many batched tokens as sequences.
+                "--max-num-seqs", str(min(256, chunk)), "--max-num-batched-tokens", str(chunk)]
         if budget is None:
             args += ["--attention-backend", "CPU_ATTN"]
         else:
