@@ -357,6 +357,29 @@ def plot(rows: list[dict], grid: Grid, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_report(args, grid: Grid, runs: list[Run], skipped: list[str],
+                 claims: set[tuple[int, str]]) -> str:
+    """``accuracy[_quick].{json,md,png}`` of the runs so far; returns the markdown."""
+    rows = [row for run in runs for row in summarize(run, runs[0])]
+    table = markdown(rows, grid, skipped, claims)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy_quick" if args.quick else "accuracy"
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    report = dict(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=command, seed=args.seed, chunk=args.chunk, grid=asdict(grid), skipped=skipped,
+        claims=sorted([c, t] for c, t in claims),
+        runs=[dict(method=r.method, budget=r.budget, config=r.config, seconds=r.seconds) for r in runs],
+        rows=rows,
+    )
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{stem}.md").write_text(
+        f"Command: `python benchmarks/{command}` (seed {args.seed}, chunk {args.chunk})\n\n" + table
+    )
+    plot(rows, grid, args.out / f"{stem}.png")
+    return table
+
+
 # -- main ----------------------------------------------------------------------
 
 def main() -> int:
@@ -439,30 +462,13 @@ def main() -> int:
             # the others are reported for the full cache alone.
             claims = {(r["context"], r["task"]) for r in summarize(run, run)
                       if r["task"] == "loss" or r["accuracy"] >= CLAIM_THRESHOLD}
-        rows = [row for run in runs for row in summarize(run, runs[0])]
         print(f"[accuracy] {_label(method, budget)}: {run.seconds:.0f} s", flush=True)
-        print(markdown([r for r in rows if (r["method"], r["budget"]) == (method, budget)],
-                       grid, []), flush=True)
+        # Written after every configuration, so a run cut short keeps what it measured.
+        table = write_report(args, grid, runs, skipped, claims)
+        print(table, flush=True)
 
-    rows = [row for run in runs for row in summarize(run, runs[0])]
-    table = markdown(rows, grid, skipped, claims)
-    print(table)
-
-    args.out.mkdir(parents=True, exist_ok=True)
+    write_report(args, grid, runs, skipped, claims)  # with the configurations skipped last
     stem = "accuracy_quick" if args.quick else "accuracy"
-    report = dict(
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        seed=args.seed, chunk=args.chunk, grid=asdict(grid), skipped=skipped,
-        claims=sorted([c, t] for c, t in claims),
-        runs=[dict(method=r.method, budget=r.budget, config=r.config, seconds=r.seconds) for r in runs],
-        rows=rows,
-    )
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{stem}.md").write_text(
-        f"Command: `python benchmarks/{report['command']}` (seed {args.seed}, chunk {args.chunk})\n\n" + table
-    )
-    plot(rows, grid, args.out / f"{stem}.png")
     print(f"[accuracy] wrote {args.out / stem}.{{json,md,png}}")
     return 0
 
