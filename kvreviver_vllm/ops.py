@@ -14,7 +14,6 @@ import torch
 from vllm.logger import init_logger
 
 from kvreviver_vllm import sketch
-from kvreviver_vllm.stores import QuantizedStore
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -39,25 +38,31 @@ def implementation() -> str:
 
 
 def _dispatch(name: str) -> Callable:
-    reference = getattr(sketch, name)
-
-    @functools.wraps(reference)
+    @functools.wraps(getattr(sketch, name))
     def op(*args, **kwargs):
         if implementation() == COMPILED:
             return getattr(torch.ops.kvreviver, name)(*args, **kwargs)
-        return reference(*args, **kwargs)
+        return getattr(sketch, name)(*args, **kwargs)
 
     return op
 
 
 write_kv = _dispatch("write_kv")
 paged_attention = _dispatch("paged_attention")
+# Vague-store insert and reconstruction: low-bit records and Count Sketch.
+quantize_records = _dispatch("quantize_records")
+dequantize_records = _dispatch("dequantize_records")
+count_sketch_add = _dispatch("count_sketch_add")
+count_sketch_estimate = _dispatch("count_sketch_estimate")
+count_sketch_logits = _dispatch("count_sketch_logits")
 
 
 def paged_attention_revived(out, query, kv_cache, block_table, exact_start, seq_lens,
                             vague_tokens, query_start_loc, scale, score_window, store,
                             layer_seed) -> None:
     """:func:`sketch.paged_attention_revived`; compiled for the quantized store."""
+    from kvreviver_vllm.stores import QuantizedStore  # the stores call these ops
+
     if implementation() == COMPILED and isinstance(store, QuantizedStore):
         torch.ops.kvreviver.paged_attention_quantized(
             out, query, kv_cache, block_table, exact_start, seq_lens, vague_tokens,
@@ -70,8 +75,8 @@ def paged_attention_revived(out, query, kv_cache, block_table, exact_start, seq_
         )
 
 
-# No compiled kernels yet for these: compaction runs once per request every few
-# hundred tokens (or once per prompt chunk).
+# Compaction moves stay in PyTorch (they run once per request every few hundred
+# tokens, or once per prompt chunk); the stores encode through the ops above.
 compact = sketch.compact
 compact_into_store = sketch.compact_into_store
 request_scores = sketch.request_scores

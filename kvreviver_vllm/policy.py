@@ -11,16 +11,21 @@ scoring, with the window being the steps since the last compaction).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from kvreviver_vllm.stores.base import VagueStore
+if TYPE_CHECKING:  # the stores rank their records with pooled_scores
+    from kvreviver_vllm.stores.base import VagueStore
 
 POOL_KERNEL = 7
 
 
 def pooled_scores(scores: torch.Tensor) -> torch.Tensor:
     """Max-pool ``[H, L]`` scores over ``POOL_KERNEL`` neighbouring slots."""
+    if scores.shape[1] == 0:  # max_pool1d refuses empty inputs
+        return scores
     return F.max_pool1d(scores[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[:, 0]
 
 

@@ -299,3 +299,118 @@ def compact_into_store(
         kv_cache.shape[2],
     )
     score[blocks, :, offsets] = 0.0
+
+
+# -- vague-store ops: quantized records ----------------------------------------
+#
+# A record is one token: [K codes | V codes | K scale, K min, V scale, V min
+# (float16, one per group of ``group`` channels) | position int32 | score float32],
+# codes of ``bits`` bits packed little-endian, asymmetric min/max per group.
+
+def record_bytes(head_size: int, bits: int, group: int) -> int:
+    return 2 * head_size * bits // 8 + 8 * (head_size // group) + META_BYTES
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [N, D]`` -> codes ``uint8 [N, D]``, scale and min ``float16 [N, D / group]``."""
+    levels = 2**bits - 1
+    g = x.float().view(x.shape[0], x.shape[1] // group, group)
+    lo = g.amin(dim=2).half()
+    scale = ((g.amax(dim=2) - lo.float()) / levels).half()
+    safe = scale.float().clamp(min=1e-8)
+    codes = ((g - lo.float()[..., None]) / safe[..., None]).round().clamp(0, levels)
+    return codes.to(torch.uint8).view(x.shape), scale, lo
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    g = codes.float().view(codes.shape[0], scale.shape[1], codes.shape[1] // scale.shape[1])
+    return (g * scale.float()[..., None] + lo.float()[..., None]).view(codes.shape)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``uint8 [N, D]`` codes -> ``uint8 [N, D * bits / 8]`` little-endian bit stream."""
+    n, d = codes.shape
+    shifts = torch.arange(bits)
+    stream = ((codes[..., None].long() >> shifts) & 1).view(n, d * bits // 8, 8)
+    return (stream << torch.arange(8)).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    n = packed.shape[0]
+    stream = ((packed[..., None].long() >> torch.arange(8)) & 1).view(n, packed.shape[1] * 8 // bits, bits)
+    return (stream << torch.arange(bits)).sum(-1).to(torch.uint8)
+
+
+def quantize_records(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                     scores: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Records ``uint8 [N, record_bytes]`` of tokens ``keys/values [N, D]``."""
+    n = keys.shape[0]
+    kc, ks, kl = quantize_groups(keys, bits, group)
+    vc, vs, vl = quantize_groups(values, bits, group)
+    params = torch.stack([ks, kl, vs, vl], dim=1).view(torch.uint8).reshape(n, 8 * ks.shape[1])
+    meta = torch.stack([positions.to(torch.int32), scores.float().view(torch.int32)], dim=1)
+    return torch.cat(
+        [pack_codes(kc, bits), pack_codes(vc, bits), params, meta.view(torch.uint8).reshape(n, 8)],
+        dim=1,
+    )
+
+
+def dequantize_records(records: torch.Tensor, head_size: int, bits: int, group: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``float32 [N, D]`` of records ``uint8 [N, record_bytes]``."""
+    n, cb = records.shape[0], head_size * bits // 8
+    params = records[:, 2 * cb : -META_BYTES].contiguous().view(torch.float16)
+    params = params.view(n, 4, head_size // group)
+    keys = dequantize_groups(unpack_codes(records[:, :cb], bits), params[:, 0], params[:, 1])
+    values = dequantize_groups(unpack_codes(records[:, cb : 2 * cb], bits), params[:, 2], params[:, 3])
+    return keys, values
+
+
+# -- vague-store ops: count sketch ---------------------------------------------
+#
+# ``rows x buckets`` sums of signed tokens. Row r hashes position p with its
+# coefficients (a, b, c, d) = coefficients[r] to bucket (a p + b) mod P mod
+# buckets and sign 1 - 2 ((c p + d) mod P mod 2), P = 2**31 - 1.
+
+SKETCH_PRIME = 2_147_483_647
+
+
+def sketch_hashes(positions: torch.Tensor, coefficients: torch.Tensor, buckets: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket index (int64) and sign (float32) ``[rows, N]`` of each position."""
+    p = positions.long()[None]
+    a, b, c, d = (coefficients[:, i, None].long() for i in range(4))
+    index = (a * p + b) % SKETCH_PRIME % buckets
+    sign = 1 - 2 * ((c * p + d) % SKETCH_PRIME % 2)
+    return index, sign.float()
+
+
+def count_sketch_add(bucket_keys: torch.Tensor, bucket_values: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, positions: torch.Tensor,
+                     coefficients: torch.Tensor) -> None:
+    """Adds ``keys/values [N, D]``, signed, to their buckets of
+    ``bucket_keys/bucket_values float32 [rows, buckets, D]`` (in place)."""
+    index, sign = sketch_hashes(positions, coefficients, bucket_keys.shape[1])
+    for r in range(bucket_keys.shape[0]):
+        bucket_keys[r].index_add_(0, index[r], keys.float() * sign[r, :, None])
+        bucket_values[r].index_add_(0, index[r], values.float() * sign[r, :, None])
+
+
+def count_sketch_estimate(buckets: torch.Tensor, positions: torch.Tensor,
+                          coefficients: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``s_r(p) * buckets[r, h_r(p)]``: ``float32 [N, D]``."""
+    index, sign = sketch_hashes(positions, coefficients, buckets.shape[1])
+    rows = torch.arange(buckets.shape[0])[:, None]
+    return (buckets.float()[rows, index] * sign[..., None]).mean(dim=0)
+
+
+def count_sketch_logits(query: torch.Tensor, bucket_keys: torch.Tensor, positions: torch.Tensor,
+                        coefficients: torch.Tensor) -> torch.Tensor:
+    """``query [Q, D]`` times every token's key estimate: ``float32 [Q, N]``,
+    computed in bucket space (one dot product per bucket, then a gather per
+    token), equal to ``query @ count_sketch_estimate(bucket_keys, ...).T``."""
+    per_bucket = torch.einsum("qd,rbd->qrb", query.float(), bucket_keys.float())
+    index, sign = sketch_hashes(positions, coefficients, bucket_keys.shape[1])
+    rows = torch.arange(bucket_keys.shape[0])[:, None]
+    return (per_bucket[:, rows, index] * sign).mean(dim=1)

@@ -161,3 +161,93 @@ def test_quantized_attention_rejects_an_overfull_store():
             torch.tensor([2]), torch.tensor([3]), torch.tensor([100]), torch.tensor([0, 1]),
             0.125, 1, 4, store.group,
         )
+
+
+# -- vague-store ops -------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.sampled_from([0, 1, 7, 300]),
+    head_size=st.sampled_from([64, 128]),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    group=st.sampled_from([16, 32]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_quantize_records_match_reference(n, head_size, bits, group, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    keys = (torch.randn(n, head_size, generator=gen) * 3).to(dtype)
+    values = torch.randn(n, head_size, generator=gen).to(dtype)
+    keys[:, :group] = 0.5  # a constant group: scale 0, every code 0
+    positions = torch.randint(0, 8192, (n,), generator=gen)
+    scores = torch.rand(n, generator=gen)
+    got = torch.ops.kvreviver.quantize_records(keys, values, positions, scores, bits, group)
+    want = sketch.quantize_records(keys, values, positions, scores, bits, group)
+    assert torch.equal(got, want)  # bit-identical codes, scales and metadata
+    k, v = torch.ops.kvreviver.dequantize_records(got, head_size, bits, group)
+    want_k, want_v = sketch.dequantize_records(want, head_size, bits, group)
+    torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
+
+
+def test_store_ops_reject_bad_layouts():
+    keys = torch.randn(4, 64)
+    with pytest.raises(RuntimeError, match="bits=5 is not supported: allowed values are 2, 3, 4, 8"):
+        torch.ops.kvreviver.quantize_records(keys, keys, torch.arange(4), torch.zeros(4), 5, 32)
+    with pytest.raises(RuntimeError, match="group=48 must divide the head size 64"):
+        torch.ops.kvreviver.quantize_records(keys, keys, torch.arange(4), torch.zeros(4), 4, 48)
+    with pytest.raises(RuntimeError, match=r"records must be uint8 \[N, 88\]"):
+        torch.ops.kvreviver.dequantize_records(torch.zeros(4, 80, dtype=torch.uint8), 64, 4, 32)
+    sums = torch.zeros(2, 8, 64)
+    with pytest.raises(RuntimeError, match=r"positions must lie in \[0, 2\*\*31 - 1\)"):
+        torch.ops.kvreviver.count_sketch_estimate(sums, torch.tensor([-1]), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"coefficients must be a contiguous int64 \[rows=2, 4\]"):
+        torch.ops.kvreviver.count_sketch_estimate(sums, torch.tensor([1]), torch.ones(3, 4, dtype=torch.long))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.sampled_from([0, 1, 50, 2000]),
+    rows=st.sampled_from([1, 3]),
+    buckets=st.sampled_from([8, 64]),
+    head_size=st.sampled_from([64, 128]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_count_sketch_ops_match_reference(n, rows, buckets, head_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    coefficients = torch.randint(1, sketch.SKETCH_PRIME, (rows, 4), generator=gen)
+    positions = torch.randperm(8200, generator=gen)[:n].to(torch.int32)
+    keys = torch.randn(n, head_size, generator=gen)
+    values = torch.randn(n, head_size, generator=gen)
+    start_k = torch.randn(rows, buckets, head_size, generator=gen)
+    start_v = torch.randn(rows, buckets, head_size, generator=gen)
+    got_k, got_v = start_k.clone(), start_v.clone()
+    want_k, want_v = start_k.clone(), start_v.clone()
+    torch.ops.kvreviver.count_sketch_add(got_k, got_v, keys, values, positions, coefficients)
+    sketch.count_sketch_add(want_k, want_v, keys, values, positions, coefficients)
+    torch.testing.assert_close(got_k, want_k, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_v, want_v, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.ops.kvreviver.count_sketch_estimate(want_v, positions, coefficients),
+        sketch.count_sketch_estimate(want_v, positions, coefficients), atol=1e-5, rtol=1e-5)
+    query = torch.randn(5, head_size, generator=gen)
+    torch.testing.assert_close(
+        torch.ops.kvreviver.count_sketch_logits(query, want_k, positions, coefficients),
+        sketch.count_sketch_logits(query, want_k, positions, coefficients), atol=1e-3, rtol=1e-4)
+
+
+def test_stores_use_the_compiled_store_ops(monkeypatch):
+    """The stores reach the compiled ops through ``ops`` (not the reference)."""
+    from kvreviver_vllm.stores import CountSketchStore
+
+    for name in ("quantize_records", "dequantize_records", "count_sketch_add",
+                 "count_sketch_estimate"):
+        monkeypatch.setattr(sketch, name, lambda *a, _n=name, **k: pytest.fail(f"reference {_n}"))
+    store = QuantizedStore(64, 4, 264)
+    keys = torch.randn(10, 64)
+    records = store.encode(keys, keys, torch.arange(10), torch.zeros(10))
+    torch.testing.assert_close(store.decode(records)[0], keys, atol=0.3, rtol=0)
+    sketch_store = CountSketchStore(64, 3, 8, 264, torch.bfloat16)
+    pages = sketch_store.absorb(torch.zeros(0, 264, dtype=torch.uint8), 0, keys, keys,
+                                torch.arange(10), torch.zeros(10), 10, seed=1)
+    assert sketch_store.revive(pages, 10, seed=1)[0].shape == (10, 64)

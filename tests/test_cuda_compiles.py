@@ -25,4 +25,4 @@ def test_cu_file_compiles_with_nvcc(source, tmp_path):
 
 
 def test_there_are_cuda_sources():
-    assert [p.name for p in CUDA_SOURCES] == ["attention_kernels.cu"]
+    assert [p.name for p in CUDA_SOURCES] == ["attention_kernels.cu", "vague_store_kernels.cu"]

@@ -175,6 +175,23 @@ def test_compaction_evicts_the_lowest_scored_records():
     assert sum(p < 9 for p in pos.tolist()) == 2  # and the best 2 of the old records
 
 
+def test_quantized_store_keeps_a_needles_neighbours_together():
+    """Records are ranked by scores max-pooled over neighbours (as exact slots
+    are): the tokens next to the most-attended one survive with it."""
+    store = QuantizedStore(64, 4, SLOT_BYTES)
+    empty = torch.zeros(0, SLOT_BYTES, dtype=torch.uint8)
+    keys = torch.randn(40, 64)
+    scores = torch.full((40,), 0.01)
+    scores[20] = 1.0  # one needle token drew the attention
+    scores[[2, 30, 37]] = 0.5  # isolated distractors, each above the needle's neighbours
+    pages = store.absorb(empty, 0, keys, keys, torch.arange(40), scores, 7, seed=0)
+    _, _, pos, _ = store.decode(store.from_pages(pages, 7))
+    assert pos.tolist() == list(range(17, 24))
+    # Nothing in, nothing kept.
+    none = store.absorb(empty, 0, keys[:0], keys[:0], torch.arange(0), scores[:0], 0, seed=0)
+    assert none.shape[0] == 0
+
+
 def test_count_sketch_sums_signed_tokens_and_revives_by_mean():
     gen = torch.Generator().manual_seed(3)
     slot_bytes = sketch.slot_width(64, torch.float32) * 4  # float32 sums, exact to compare

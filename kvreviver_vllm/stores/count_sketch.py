@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvreviver_vllm import ops, sketch
 from kvreviver_vllm.stores.base import VagueStore
-
-_PRIME = 2_147_483_647  # 2**31 - 1: a * p + b stays inside int64 for p < 2**31
 
 
 @dataclass(frozen=True)
@@ -52,16 +51,17 @@ class CountSketchStore(VagueStore):
         return max(0, num_slots - self.sketch_slots) * self.positions_per_slot
 
     # -- hashing --------------------------------------------------------------
+    def coefficients(self, seed: int) -> torch.Tensor:
+        """Hash coefficients ``int64 [rows, 4]`` (see :func:`sketch.sketch_hashes`)."""
+        rng = random.Random(seed)
+        return torch.tensor(
+            [[rng.randrange(1, sketch.SKETCH_PRIME) for _ in range(4)] for _ in range(self.rows)],
+            dtype=torch.int64,
+        )
+
     def hashes(self, positions: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket index and sign ``[rows, N]`` of each position."""
-        rng = random.Random(seed)
-        p = positions.long()
-        buckets, signs = [], []
-        for _ in range(self.rows):
-            a, b, c, d = (rng.randrange(1, _PRIME) for _ in range(4))
-            buckets.append((a * p + b) % _PRIME % self.buckets)
-            signs.append(1 - 2 * ((c * p + d) % _PRIME % 2))
-        return torch.stack(buckets), torch.stack(signs).float()
+        return sketch.sketch_hashes(positions, self.coefficients(seed), self.buckets)
 
     # -- layout ---------------------------------------------------------------
     def bucket_sums(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,20 +93,15 @@ class CountSketchStore(VagueStore):
         return pages
 
     # -- VagueStore -----------------------------------------------------------
-    def estimate(self, bucket_values: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:
+    def estimate(self, buckets: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:
         """Mean over rows of ``s_r(p) * bucket[r, h_r(p)]``: ``[N, D]``."""
-        idx, sign = self.hashes(positions, seed)
-        rows = torch.arange(self.rows)[:, None]
-        return (bucket_values[rows, idx] * sign[..., None]).mean(dim=0)
+        return ops.count_sketch_estimate(buckets, positions, self.coefficients(seed))
 
     def bucket_logits(self, query: torch.Tensor, bucket_keys: torch.Tensor,
                       positions: torch.Tensor, seed: int) -> torch.Tensor:
         """Logits ``query [Q, D] . key estimate`` for every token ``[Q, N]``, computed
         once per bucket and gathered per token (equal to ``query @ estimate().T``)."""
-        per_bucket = torch.einsum("qd,rbd->qrb", query.float(), bucket_keys)
-        idx, sign = self.hashes(positions, seed)
-        rows = torch.arange(self.rows)[:, None]
-        return (per_bucket[:, rows, idx] * sign).mean(dim=1)
+        return ops.count_sketch_logits(query, bucket_keys, positions, self.coefficients(seed))
 
     def revive(self, pages, num_tokens, seed):
         bucket_keys, bucket_values = self.bucket_sums(pages)
@@ -123,9 +118,7 @@ class CountSketchStore(VagueStore):
             bucket_keys = torch.zeros(self.rows, self.buckets, self.head_size)
             bucket_values = torch.zeros_like(bucket_keys)
             old_positions = positions[:0].to(torch.int32)
-        idx, sign = self.hashes(positions, seed)
-        for r in range(self.rows):
-            bucket_keys[r].index_add_(0, idx[r], keys.float() * sign[r, :, None])
-            bucket_values[r].index_add_(0, idx[r], values.float() * sign[r, :, None])
+        ops.count_sketch_add(bucket_keys, bucket_values, keys, values, positions,
+                             self.coefficients(seed))
         all_positions = torch.cat([old_positions, positions.to(torch.int32)]).sort().values
         return self._pages(bucket_keys, bucket_values, all_positions[len(all_positions) - keep :])

@@ -1,0 +1,222 @@
+// See vague_store_kernels.cuh.
+
+#include "vague_store_kernels.cuh"
+
+#include <cuda_fp16.h>
+
+namespace kvreviver::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1
+
+__device__ __forceinline__ int64_t record_bytes(int d, int bits, int group) {
+  return 2 * (d * bits / 8) + 8 * (d / group) + 8;
+}
+
+__device__ __forceinline__ void store_half(uint8_t* p, float x) {
+  const __half h = __float2half_rn(x);
+  const unsigned short bits = __half_as_ushort(h);
+  p[0] = static_cast<uint8_t>(bits & 0xff);
+  p[1] = static_cast<uint8_t>(bits >> 8);
+}
+
+__device__ __forceinline__ float load_half(const uint8_t* p) {
+  const unsigned short bits = static_cast<unsigned short>(p[0] | (p[1] << 8));
+  return __half2float(__ushort_as_half(bits));
+}
+
+// One thread per (token, K or V, group): its codes fill whole bytes, so no
+// two threads write the same byte.
+__global__ void quantize_records_kernel(const float* __restrict__ keys,
+                                        const float* __restrict__ values,
+                                        const int32_t* __restrict__ positions,
+                                        const float* __restrict__ scores,
+                                        uint8_t* __restrict__ records, int64_t n, int d,
+                                        int bits, int group) {
+  const int groups = d / group;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= n * 2 * groups) return;
+  const int64_t token = item / (2 * groups);
+  const int which = static_cast<int>(item / groups % 2);  // 0: key, 1: value
+  const int g = static_cast<int>(item % groups);
+  const float* x = (which ? values : keys) + token * d + g * group;
+  uint8_t* rec = records + token * record_bytes(d, bits, group);
+  const int code_bytes = d * bits / 8;
+  float mn = x[0], mx = x[0];
+  for (int i = 1; i < group; ++i) {
+    mn = fminf(mn, x[i]);
+    mx = fmaxf(mx, x[i]);
+  }
+  const float levels = static_cast<float>((1 << bits) - 1);
+  const float lo = __half2float(__float2half_rn(mn));
+  const float scale = __half2float(__float2half_rn(__fdiv_rn(mx - lo, levels)));
+  const float safe = fmaxf(scale, 1e-8f);
+  uint8_t* params = rec + 2 * code_bytes + which * 4 * groups;
+  store_half(params + 2 * g, scale);
+  store_half(params + 2 * (groups + g), lo);
+  uint8_t* codes = rec + which * code_bytes + g * group * bits / 8;
+  for (int b = 0; b < group * bits / 8; ++b) codes[b] = 0;
+  for (int i = 0; i < group; ++i) {
+    const float q = fminf(fmaxf(rintf(__fdiv_rn(x[i] - lo, safe)), 0.f), levels);
+    const int bit = i * bits;
+    const uint32_t code = static_cast<uint32_t>(q) << (bit & 7);
+    codes[bit >> 3] |= static_cast<uint8_t>(code & 0xff);
+    if (code >> 8) codes[(bit >> 3) + 1] |= static_cast<uint8_t>(code >> 8);
+  }
+  if (which == 0 && g == 0) {
+    uint8_t* meta = rec + record_bytes(d, bits, group) - 8;
+    const int32_t pos = positions[token];
+    const float score = scores[token];
+    memcpy(meta, &pos, 4);
+    memcpy(meta + 4, &score, 4);
+  }
+}
+
+// One thread per (token, K or V, channel).
+__global__ void dequantize_records_kernel(const uint8_t* __restrict__ records,
+                                          float* __restrict__ keys, float* __restrict__ values,
+                                          int64_t n, int d, int bits, int group) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= n * 2 * d) return;
+  const int64_t token = item / (2 * d);
+  const int which = static_cast<int>(item / d % 2);
+  const int c = static_cast<int>(item % d);
+  const int groups = d / group, code_bytes = d * bits / 8;
+  const uint8_t* rec = records + token * record_bytes(d, bits, group);
+  const uint8_t* codes = rec + which * code_bytes;
+  const uint8_t* params = rec + 2 * code_bytes + which * 4 * groups;
+  const int bit = c * bits;
+  uint32_t word = codes[bit >> 3];
+  if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
+  const float q = static_cast<float>((word >> (bit & 7)) & ((1u << bits) - 1));
+  const int g = c / group;
+  (which ? values : keys)[token * d + c] =
+      q * load_half(params + 2 * g) + load_half(params + 2 * (groups + g));
+}
+
+__device__ __forceinline__ int64_t sketch_bucket(const int64_t* c, int64_t p, int buckets) {
+  return (c[0] * p + c[1]) % kSketchPrime % buckets;
+}
+
+__device__ __forceinline__ float sketch_sign(const int64_t* c, int64_t p) {
+  return 1.f - 2.f * static_cast<float>((c[2] * p + c[3]) % kSketchPrime % 2);
+}
+
+// One thread per (token, row, channel), for keys and values.
+__global__ void count_sketch_add_kernel(float* __restrict__ bucket_keys,
+                                        float* __restrict__ bucket_values,
+                                        const float* __restrict__ keys,
+                                        const float* __restrict__ values,
+                                        const int64_t* __restrict__ positions,
+                                        const int64_t* __restrict__ coefficients, int64_t n,
+                                        int rows, int buckets, int d) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= n * rows * d) return;
+  const int64_t token = item / (rows * d);
+  const int r = static_cast<int>(item / d % rows);
+  const int c = static_cast<int>(item % d);
+  const int64_t* coef = coefficients + 4 * r;
+  const int64_t p = positions[token];
+  const int64_t at = (r * static_cast<int64_t>(buckets) + sketch_bucket(coef, p, buckets)) * d + c;
+  const float s = sketch_sign(coef, p);
+  atomicAdd(bucket_keys + at, s * keys[token * d + c]);
+  atomicAdd(bucket_values + at, s * values[token * d + c]);
+}
+
+// One thread per (token, channel).
+__global__ void count_sketch_estimate_kernel(const float* __restrict__ sums,
+                                             const int64_t* __restrict__ positions,
+                                             const int64_t* __restrict__ coefficients,
+                                             float* __restrict__ out, int64_t n, int rows,
+                                             int buckets, int d) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= n * d) return;
+  const int64_t token = item / d;
+  const int c = static_cast<int>(item % d);
+  const int64_t p = positions[token];
+  float acc = 0.f;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t* coef = coefficients + 4 * r;
+    acc += sketch_sign(coef, p) *
+           sums[(r * static_cast<int64_t>(buckets) + sketch_bucket(coef, p, buckets)) * d + c];
+  }
+  out[item] = acc / static_cast<float>(rows);
+}
+
+// One thread per (query, token).
+__global__ void count_sketch_gather_kernel(const float* __restrict__ per_bucket,
+                                           const int64_t* __restrict__ positions,
+                                           const int64_t* __restrict__ coefficients,
+                                           float* __restrict__ out, int64_t q, int64_t n,
+                                           int rows, int buckets) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= q * n) return;
+  const int64_t qi = item / n, token = item % n;
+  const int64_t p = positions[token];
+  const float* row = per_bucket + qi * rows * static_cast<int64_t>(buckets);
+  float acc = 0.f;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t* coef = coefficients + 4 * r;
+    acc += sketch_sign(coef, p) * row[r * static_cast<int64_t>(buckets) + sketch_bucket(coef, p, buckets)];
+  }
+  out[item] = acc / static_cast<float>(rows);
+}
+
+unsigned grid_for(int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+cudaError_t launch_quantize_records(const float* keys, const float* values,
+                                    const int32_t* positions, const float* scores,
+                                    uint8_t* records, int64_t n, int d, int bits, int group,
+                                    cudaStream_t stream) {
+  const int64_t items = n * 2 * (d / group);
+  if (items == 0) return cudaSuccess;
+  quantize_records_kernel<<<grid_for(items), kThreads, 0, stream>>>(
+      keys, values, positions, scores, records, n, d, bits, group);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dequantize_records(const uint8_t* records, float* keys, float* values,
+                                      int64_t n, int d, int bits, int group,
+                                      cudaStream_t stream) {
+  const int64_t items = n * 2 * d;
+  if (items == 0) return cudaSuccess;
+  dequantize_records_kernel<<<grid_for(items), kThreads, 0, stream>>>(records, keys, values, n,
+                                                                       d, bits, group);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_count_sketch_add(float* bucket_keys, float* bucket_values, const float* keys,
+                                    const float* values, const int64_t* positions,
+                                    const int64_t* coefficients, int64_t n, int rows,
+                                    int buckets, int d, cudaStream_t stream) {
+  const int64_t items = n * rows * d;
+  if (items == 0) return cudaSuccess;
+  count_sketch_add_kernel<<<grid_for(items), kThreads, 0, stream>>>(
+      bucket_keys, bucket_values, keys, values, positions, coefficients, n, rows, buckets, d);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_count_sketch_estimate(const float* sums, const int64_t* positions,
+                                         const int64_t* coefficients, float* out, int64_t n,
+                                         int rows, int buckets, int d, cudaStream_t stream) {
+  const int64_t items = n * d;
+  if (items == 0) return cudaSuccess;
+  count_sketch_estimate_kernel<<<grid_for(items), kThreads, 0, stream>>>(
+      sums, positions, coefficients, out, n, rows, buckets, d);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_count_sketch_gather(const float* per_bucket, const int64_t* positions,
+                                       const int64_t* coefficients, float* out, int64_t q,
+                                       int64_t n, int rows, int buckets, cudaStream_t stream) {
+  const int64_t items = q * n;
+  if (items == 0) return cudaSuccess;
+  count_sketch_gather_kernel<<<grid_for(items), kThreads, 0, stream>>>(
+      per_bucket, positions, coefficients, out, q, n, rows, buckets);
+  return cudaGetLastError();
+}
+
+}  // namespace kvreviver::cuda

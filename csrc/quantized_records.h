@@ -1,0 +1,79 @@
+// Layout and (de)quantization of the quantized vague store's records, shared
+// by the CPU kernels (kvreviver_vllm/sketch.py: quantize_records):
+//   [K codes | V codes | K scale, K min, V scale, V min (fp16 per group) |
+//    position int32 | score float32],
+// codes packed little-endian at `bits` bits, asymmetric per group of channels.
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace kvreviver {
+
+struct RecordLayout {
+  int64_t bits = 0, group = 0;
+
+  int64_t code_bytes(int64_t d) const { return d * bits / 8; }
+  int64_t params_offset(int64_t d) const { return 2 * code_bytes(d); }
+  int64_t record_bytes(int64_t d) const { return params_offset(d) + 8 * (d / group) + 8; }
+};
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+inline void float_to_half(float x, uint8_t* p) {
+  const uint16_t h = c10::Half(x).x;
+  std::memcpy(p, &h, 2);
+}
+
+// Unpacks `d` codes of `bits` bits from a little-endian bit stream and
+// dequantizes them with per-group (scale, min), writing out[i * stride].
+inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
+                       int64_t d, int64_t bits, int64_t group, float* out,
+                       int64_t stride = 1) {
+  const uint32_t mask = (1u << bits) - 1;
+  for (int64_t g = 0; g < d / group; ++g) {
+    const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+      const int64_t bit = i * bits;
+      uint32_t word = codes[bit >> 3];
+      if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
+      out[i * stride] = static_cast<float>((word >> (bit & 7)) & mask) * s + m;
+    }
+  }
+}
+
+// Quantizes x[0, d) per group exactly as the reference (fp16 min and scale,
+// codes round-half-even of (x - min) / max(scale, 1e-8)) and packs the codes
+// into `codes` (zeroed here), scales and mins into `scale` / `lo`.
+inline void quantize(const float* x, int64_t d, int64_t bits, int64_t group, uint8_t* codes,
+                     uint8_t* scale, uint8_t* lo) {
+  const float levels = static_cast<float>((1 << bits) - 1);
+  std::memset(codes, 0, d * bits / 8);
+  for (int64_t g = 0; g < d / group; ++g) {
+    const float* xg = x + g * group;
+    const float mn = *std::min_element(xg, xg + group);
+    const float mx = *std::max_element(xg, xg + group);
+    const float lo_h = static_cast<float>(c10::Half(mn));
+    const float scale_h = static_cast<float>(c10::Half((mx - lo_h) / levels));
+    const float safe = std::max(scale_h, 1e-8f);
+    float_to_half(scale_h, scale + 2 * g);
+    float_to_half(lo_h, lo + 2 * g);
+    for (int64_t i = 0; i < group; ++i) {
+      const float q = std::min(std::max(std::nearbyint((xg[i] - lo_h) / safe), 0.f), levels);
+      const uint32_t code = static_cast<uint32_t>(q) << ((g * group + i) * bits & 7);
+      const int64_t byte = (g * group + i) * bits >> 3;
+      codes[byte] |= static_cast<uint8_t>(code);
+      if (code >> 8) codes[byte + 1] |= static_cast<uint8_t>(code >> 8);
+    }
+  }
+}
+
+}  // namespace kvreviver

@@ -1,0 +1,237 @@
+// CPU kernels of the vague stores: insert (quantize + pack; signed sketch add)
+// and reconstruction (dequantize; sketch estimate and bucket-space logits).
+// Semantics: kvreviver_vllm/sketch.py (quantize_records, dequantize_records,
+// count_sketch_add, count_sketch_estimate, count_sketch_logits).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "quantized_records.h"
+
+namespace kvreviver {
+namespace {
+
+constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1
+
+void check_layout(int64_t head_size, int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
+              "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
+  TORCH_CHECK(group > 0 && head_size % group == 0 && (group * bits) % 8 == 0,
+              "group=", group, " must divide the head size ", head_size,
+              " into whole bytes of codes");
+}
+
+// Bucket and sign of position p in each sketch row (coefficients [rows, 4]).
+struct SketchHash {
+  const int64_t* coefficients;
+  int64_t buckets;
+
+  int64_t bucket(int64_t r, int64_t p) const {
+    const int64_t* c = coefficients + 4 * r;
+    return (c[0] * p + c[1]) % kSketchPrime % buckets;
+  }
+  float sign(int64_t r, int64_t p) const {
+    const int64_t* c = coefficients + 4 * r;
+    return 1.f - 2.f * static_cast<float>((c[2] * p + c[3]) % kSketchPrime % 2);
+  }
+};
+
+SketchHash sketch_hash(const torch::Tensor& coefficients, int64_t rows, int64_t buckets) {
+  TORCH_CHECK(coefficients.scalar_type() == torch::kInt64 && coefficients.is_contiguous() &&
+                  coefficients.dim() == 2 && coefficients.size(0) == rows &&
+                  coefficients.size(1) == 4,
+              "coefficients must be a contiguous int64 [rows=", rows, ", 4]");
+  const int64_t* c = coefficients.data_ptr<int64_t>();
+  for (int64_t i = 0; i < 4 * rows; ++i)
+    TORCH_CHECK(c[i] > 0 && c[i] < kSketchPrime, "hash coefficient ", c[i],
+                " is out of range [1, 2**31 - 1)");
+  return {c, buckets};
+}
+
+torch::Tensor checked_positions(const torch::Tensor& positions, int64_t n) {
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == n, "positions must be [", n, "]");
+  auto p = positions.to(torch::kInt64).contiguous();
+  if (n > 0)
+    TORCH_CHECK(p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kSketchPrime,
+                "positions must lie in [0, 2**31 - 1)");
+  return p;
+}
+
+void check_buckets(const torch::Tensor& buckets, const char* name) {
+  TORCH_CHECK(buckets.scalar_type() == torch::kFloat32 && buckets.is_contiguous() &&
+                  buckets.dim() == 3,
+              name, " must be a contiguous float32 [rows, buckets, D]");
+}
+
+}  // namespace
+
+torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tensor& values,
+                                   const torch::Tensor& positions, const torch::Tensor& scores,
+                                   int64_t bits, int64_t group) {
+  TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes(),
+              "keys and values must both be [N, head_size]");
+  const int64_t n = keys.size(0), d = keys.size(1);
+  check_layout(d, bits, group);
+  TORCH_CHECK(positions.numel() == n && scores.numel() == n, "one position and score per token");
+  const RecordLayout layout{bits, group};
+  const int64_t rb = layout.record_bytes(d), cb = layout.code_bytes(d), ng = d / group;
+  auto records = torch::empty({n, rb}, torch::kUInt8);
+  const auto k = keys.to(torch::kFloat32).contiguous();
+  const auto v = values.to(torch::kFloat32).contiguous();
+  const auto pos = positions.to(torch::kInt32).contiguous();
+  const auto sc = scores.to(torch::kFloat32).contiguous();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int32_t* pp = pos.data_ptr<int32_t>();
+  const float* sp = sc.data_ptr<float>();
+  uint8_t* out = records.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint8_t* rec = out + i * rb;
+      uint8_t* params = rec + layout.params_offset(d);
+      quantize(kp + i * d, d, bits, group, rec, params, params + 2 * ng);
+      quantize(vp + i * d, d, bits, group, rec + cb, params + 4 * ng, params + 6 * ng);
+      std::memcpy(rec + rb - 8, pp + i, 4);
+      std::memcpy(rec + rb - 4, sp + i, 4);
+    }
+  });
+  return records;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cpu(const torch::Tensor& records,
+                                                                int64_t head_size, int64_t bits,
+                                                                int64_t group) {
+  check_layout(head_size, bits, group);
+  const RecordLayout layout{bits, group};
+  const int64_t rb = layout.record_bytes(head_size), cb = layout.code_bytes(head_size);
+  const int64_t ng = head_size / group;
+  TORCH_CHECK(records.scalar_type() == torch::kUInt8 && records.dim() == 2 &&
+                  records.size(1) == rb,
+              "records must be uint8 [N, ", rb, "] for head size ", head_size, ", bits=", bits,
+              ", group=", group);
+  const auto rec = records.contiguous();
+  const int64_t n = rec.size(0);
+  auto keys = torch::empty({n, head_size}, torch::kFloat32);
+  auto values = torch::empty({n, head_size}, torch::kFloat32);
+  const uint8_t* rp = rec.data_ptr<uint8_t>();
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* r = rp + i * rb;
+      const uint8_t* params = r + layout.params_offset(head_size);
+      dequantize(r, params, params + 2 * ng, head_size, bits, group, kp + i * head_size);
+      dequantize(r + cb, params + 4 * ng, params + 6 * ng, head_size, bits, group,
+                 vp + i * head_size);
+    }
+  });
+  return {keys, values};
+}
+
+void count_sketch_add_cpu(torch::Tensor bucket_keys, torch::Tensor bucket_values,
+                          const torch::Tensor& keys, const torch::Tensor& values,
+                          const torch::Tensor& positions, const torch::Tensor& coefficients) {
+  check_buckets(bucket_keys, "bucket_keys");
+  check_buckets(bucket_values, "bucket_values");
+  TORCH_CHECK(bucket_keys.sizes() == bucket_values.sizes(), "bucket sums must match in shape");
+  const int64_t rows = bucket_keys.size(0), buckets = bucket_keys.size(1);
+  const int64_t d = bucket_keys.size(2);
+  TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes() && keys.size(1) == d,
+              "keys and values must both be [N, ", d, "]");
+  const int64_t n = keys.size(0);
+  const auto pos = checked_positions(positions, n);
+  const SketchHash hash = sketch_hash(coefficients, rows, buckets);
+  const auto k = keys.to(torch::kFloat32).contiguous();
+  const auto v = values.to(torch::kFloat32).contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  // One task per (row, sums): each writes its own buckets, tokens in order.
+  at::parallel_for(0, 2 * rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / 2;
+      const float* src = (task % 2 ? v : k).data_ptr<float>();
+      float* sums = (task % 2 ? bucket_values : bucket_keys).data_ptr<float>() + r * buckets * d;
+      for (int64_t i = 0; i < n; ++i) {
+        float* b = sums + hash.bucket(r, pp[i]) * d;
+        const float s = hash.sign(r, pp[i]);
+        for (int64_t j = 0; j < d; ++j) b[j] += s * src[i * d + j];
+      }
+    }
+  });
+}
+
+torch::Tensor count_sketch_estimate_cpu(const torch::Tensor& buckets,
+                                        const torch::Tensor& positions,
+                                        const torch::Tensor& coefficients) {
+  const auto sums = buckets.to(torch::kFloat32).contiguous();
+  check_buckets(sums, "buckets");
+  const int64_t rows = sums.size(0), nb = sums.size(1), d = sums.size(2);
+  const int64_t n = positions.numel();
+  const auto pos = checked_positions(positions, n);
+  const SketchHash hash = sketch_hash(coefficients, rows, nb);
+  auto out = torch::zeros({n, d}, torch::kFloat32);
+  const float* sp = sums.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* o = op + i * d;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* b = sp + (r * nb + hash.bucket(r, pp[i])) * d;
+        const float s = hash.sign(r, pp[i]);
+        for (int64_t j = 0; j < d; ++j) o[j] += s * b[j];
+      }
+      for (int64_t j = 0; j < d; ++j) o[j] /= static_cast<float>(rows);
+    }
+  });
+  return out;
+}
+
+torch::Tensor count_sketch_logits_cpu(const torch::Tensor& query,
+                                      const torch::Tensor& bucket_keys,
+                                      const torch::Tensor& positions,
+                                      const torch::Tensor& coefficients) {
+  const auto sums = bucket_keys.to(torch::kFloat32).contiguous();
+  check_buckets(sums, "bucket_keys");
+  const int64_t rows = sums.size(0), nb = sums.size(1), d = sums.size(2);
+  TORCH_CHECK(query.dim() == 2 && query.size(1) == d, "query must be [Q, ", d, "]");
+  const auto q = query.to(torch::kFloat32).contiguous();
+  const int64_t nq = q.size(0), n = positions.numel();
+  const auto pos = checked_positions(positions, n);
+  const SketchHash hash = sketch_hash(coefficients, rows, nb);
+  // One dot product per (query, bucket), then a signed gather per token.
+  const auto per_bucket = torch::matmul(q, sums.view({rows * nb, d}).t()).contiguous();
+  const float* pb = per_bucket.data_ptr<float>();
+  std::vector<int64_t> index(rows * n);
+  std::vector<float> sign(rows * n);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) {
+      index[r * n + i] = r * nb + hash.bucket(r, pp[i]);
+      sign[r * n + i] = hash.sign(r, pp[i]);
+    }
+  auto out = torch::zeros({nq, n}, torch::kFloat32);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, nq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t qi = begin; qi < end; ++qi) {
+      const float* row = pb + qi * rows * nb;
+      float* o = op + qi * n;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < n; ++i) o[i] += sign[r * n + i] * row[index[r * n + i]];
+      for (int64_t i = 0; i < n; ++i) o[i] /= static_cast<float>(rows);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(kvreviver, CPU, m) {
+  m.impl("quantize_records", &quantize_records_cpu);
+  m.impl("dequantize_records", &dequantize_records_cpu);
+  m.impl("count_sketch_add", &count_sketch_add_cpu);
+  m.impl("count_sketch_estimate", &count_sketch_estimate_cpu);
+  m.impl("count_sketch_logits", &count_sketch_logits_cpu);
+}
+
+}  // namespace kvreviver
