@@ -123,6 +123,38 @@ def check_write_kv(dtype, seed) -> dict:
     return dict(dtype=str(dtype), ok=torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8)))
 
 
+def check_store_ops(head_size, bits, seed) -> dict:
+    """Quantized-record insert/reconstruction and the Count Sketch ops on CUDA."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 500
+    keys, values = torch.randn(n, head_size, generator=gen) * 3, torch.randn(n, head_size, generator=gen)
+    positions = torch.randperm(8192, generator=gen)[:n]
+    scores = torch.rand(n, generator=gen)
+    want = sketch.quantize_records(keys, values, positions, scores, bits, 32)
+    got = torch.ops.kvreviver.quantize_records(keys.cuda(), values.cuda(), positions.cuda(),
+                                               scores.cuda(), bits, 32)
+    records_ok = torch.equal(got.cpu(), want)
+    revived = torch.ops.kvreviver.dequantize_records(got, head_size, bits, 32)
+    ref = sketch.dequantize_records(want, head_size, bits, 32)
+    revive_ok = all(torch.allclose(a.cpu(), b, atol=1e-5) for a, b in zip(revived, ref))
+    coefficients = torch.randint(1, sketch.SKETCH_PRIME, (3, 4), generator=gen)
+    sums_k, sums_v = torch.zeros(3, 64, head_size), torch.zeros(3, 64, head_size)
+    sketch.count_sketch_add(sums_k, sums_v, keys, values, positions, coefficients)
+    got_k, got_v = torch.zeros(3, 64, head_size).cuda(), torch.zeros(3, 64, head_size).cuda()
+    torch.ops.kvreviver.count_sketch_add(got_k, got_v, keys.cuda(), values.cuda(), positions.cuda(),
+                                         coefficients)
+    add_ok = torch.allclose(got_k.cpu(), sums_k, atol=1e-3) and torch.allclose(got_v.cpu(), sums_v, atol=1e-3)
+    est = torch.ops.kvreviver.count_sketch_estimate(got_v, positions.cuda(), coefficients)
+    est_ok = torch.allclose(est.cpu(), sketch.count_sketch_estimate(sums_v, positions, coefficients), atol=1e-3)
+    query = torch.randn(7, head_size, generator=gen)
+    logits = torch.ops.kvreviver.count_sketch_logits(query.cuda(), got_k, positions.cuda(), coefficients)
+    logits_ok = torch.allclose(logits.cpu(), sketch.count_sketch_logits(query, sums_k, positions, coefficients),
+                               atol=1e-2, rtol=1e-3)
+    return dict(op="vague_store", head_size=head_size, bits=bits, records=records_ok,
+                revive=revive_ok, sketch_add=add_ok, sketch_estimate=est_ok, sketch_logits=logits_ok,
+                ok=records_ok and revive_ok and add_ok and est_ok and logits_ok)
+
+
 def time_decode(batch: int, context: int) -> dict:
     cache, table, lens, qsl, query = make_case(9, 3, 64, 128, [context] * batch, [1] * batch,
                                                torch.bfloat16, 0)
@@ -157,6 +189,10 @@ def main() -> int:
                 seed += 1
                 checks.append(check_quantized_attention(dtype, head_size, bits, [0, 40, 700],
                                                         [5, 64, 300], [1, 5, 20], seed))
+    for head_size in (64, 128):
+        for bits in (2, 3, 4, 8):
+            seed += 1
+            checks.append(check_store_ops(head_size, bits, seed))
     timings = [time_decode(b, c) for b in (1, 16) for c in (2048, 8192)]
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   passed=sum(c["ok"] for c in checks), failed=sum(not c["ok"] for c in checks),

@@ -163,12 +163,22 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     for (int64_t s = 0; s < exact_start(r); ++s)
       std::memcpy(&records[s * slot_bytes], slot_at(r, h, s), slot_bytes);
     const int64_t ng = head_size / store.group;
-    for (int64_t j = 0; j < nv; ++j) {
-      const uint8_t* rec = &records[j * record_bytes];
-      const uint8_t* params = rec + 2 * code_bytes;
-      dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group, &kt[j], nv);
-      dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size, store.bits,
-                 store.group, &v[j * head_size]);
+    // Keys go row-major into a chunk buffer, then transposed a chunk at a time,
+    // so every store is a run of consecutive floats rather than a scatter.
+    constexpr int64_t kChunk = 64;
+    std::vector<float> chunk(kChunk * head_size);
+    for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, nv - j0);
+      for (int64_t o = 0; o < n; ++o) {
+        const uint8_t* rec = &records[(j0 + o) * record_bytes];
+        const uint8_t* params = rec + 2 * code_bytes;
+        dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
+                   &chunk[o * head_size]);
+        dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size, store.bits,
+                   store.group, &v[(j0 + o) * head_size]);
+      }
+      for (int64_t d = 0; d < head_size; ++d)
+        for (int64_t o = 0; o < n; ++o) kt[d * nv + j0 + o] = chunk[o * head_size + d];
     }
   };
 

@@ -33,11 +33,36 @@ inline void float_to_half(float x, uint8_t* p) {
   std::memcpy(p, &h, 2);
 }
 
+// Unpacks `d` codes of kBits bits (whole codes per byte) and dequantizes them
+// with per-group (scale, min), writing out[i * stride].
+template <int kBits>
+inline void dequantize_aligned(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
+                               int64_t d, int64_t group, float* out, int64_t stride) {
+  constexpr int kPerByte = 8 / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+  for (int64_t g = 0; g < d / group; ++g) {
+    const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
+    const uint8_t* bytes = codes + g * group / kPerByte;
+    float* o = out + g * group * stride;
+    for (int64_t b = 0; b < group / kPerByte; ++b) {
+      const uint32_t byte = bytes[b];
+      for (int k = 0; k < kPerByte; ++k)
+        o[(b * kPerByte + k) * stride] = static_cast<float>((byte >> (k * kBits)) & kMask) * s + m;
+    }
+  }
+}
+
 // Unpacks `d` codes of `bits` bits from a little-endian bit stream and
 // dequantizes them with per-group (scale, min), writing out[i * stride].
 inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
                        int64_t d, int64_t bits, int64_t group, float* out,
                        int64_t stride = 1) {
+  switch (bits) {  // codes that never straddle a byte: no bit arithmetic per code
+    case 2: return dequantize_aligned<2>(codes, scale, lo, d, group, out, stride);
+    case 4: return dequantize_aligned<4>(codes, scale, lo, d, group, out, stride);
+    case 8: return dequantize_aligned<8>(codes, scale, lo, d, group, out, stride);
+    default: break;
+  }
   const uint32_t mask = (1u << bits) - 1;
   for (int64_t g = 0; g < d / group; ++g) {
     const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
