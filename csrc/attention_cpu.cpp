@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "op_checks.h"
 #include "quantized_records.h"
 
 namespace kvreviver {
@@ -391,10 +392,7 @@ void paged_attention_quantized_cpu(
   check_attention_args(out, query, kv_cache, block_table, seq_lens,
                        query_start_loc);
   const int64_t d = query.size(2);
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
-              "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
-  TORCH_CHECK(group > 0 && d % group == 0, "group=", group,
-              " must divide the head size ", d);
+  check_store_layout(d, bits, group);
   TORCH_CHECK(exact_start.numel() == seq_lens.numel() &&
                   vague_tokens.numel() == seq_lens.numel(),
               "exact_start and vague_tokens need one entry per request");

@@ -9,20 +9,11 @@
 
 #include <vector>
 
+#include "op_checks.h"
 #include "quantized_records.h"
 
 namespace kvreviver {
 namespace {
-
-constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1
-
-void check_layout(int64_t head_size, int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
-              "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
-  TORCH_CHECK(group > 0 && head_size % group == 0 && (group * bits) % 8 == 0,
-              "group=", group, " must divide the head size ", head_size,
-              " into whole bytes of codes");
-}
 
 // Bucket and sign of position p in each sketch row (coefficients [rows, 4]).
 struct SketchHash {
@@ -39,33 +30,6 @@ struct SketchHash {
   }
 };
 
-SketchHash sketch_hash(const torch::Tensor& coefficients, int64_t rows, int64_t buckets) {
-  TORCH_CHECK(coefficients.scalar_type() == torch::kInt64 && coefficients.is_contiguous() &&
-                  coefficients.dim() == 2 && coefficients.size(0) == rows &&
-                  coefficients.size(1) == 4,
-              "coefficients must be a contiguous int64 [rows=", rows, ", 4]");
-  const int64_t* c = coefficients.data_ptr<int64_t>();
-  for (int64_t i = 0; i < 4 * rows; ++i)
-    TORCH_CHECK(c[i] > 0 && c[i] < kSketchPrime, "hash coefficient ", c[i],
-                " is out of range [1, 2**31 - 1)");
-  return {c, buckets};
-}
-
-torch::Tensor checked_positions(const torch::Tensor& positions, int64_t n) {
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == n, "positions must be [", n, "]");
-  auto p = positions.to(torch::kInt64).contiguous();
-  if (n > 0)
-    TORCH_CHECK(p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kSketchPrime,
-                "positions must lie in [0, 2**31 - 1)");
-  return p;
-}
-
-void check_buckets(const torch::Tensor& buckets, const char* name) {
-  TORCH_CHECK(buckets.scalar_type() == torch::kFloat32 && buckets.is_contiguous() &&
-                  buckets.dim() == 3,
-              name, " must be a contiguous float32 [rows, buckets, D]");
-}
-
 }  // namespace
 
 torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tensor& values,
@@ -74,7 +38,7 @@ torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tenso
   TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes(),
               "keys and values must both be [N, head_size]");
   const int64_t n = keys.size(0), d = keys.size(1);
-  check_layout(d, bits, group);
+  check_store_layout(d, bits, group);
   TORCH_CHECK(positions.numel() == n && scores.numel() == n, "one position and score per token");
   const RecordLayout layout{bits, group};
   const int64_t rb = layout.record_bytes(d), cb = layout.code_bytes(d), ng = d / group;
@@ -104,7 +68,7 @@ torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tenso
 std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cpu(const torch::Tensor& records,
                                                                 int64_t head_size, int64_t bits,
                                                                 int64_t group) {
-  check_layout(head_size, bits, group);
+  check_store_layout(head_size, bits, group);
   const RecordLayout layout{bits, group};
   const int64_t rb = layout.record_bytes(head_size), cb = layout.code_bytes(head_size);
   const int64_t ng = head_size / group;
@@ -142,8 +106,9 @@ void count_sketch_add_cpu(torch::Tensor bucket_keys, torch::Tensor bucket_values
   TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes() && keys.size(1) == d,
               "keys and values must both be [N, ", d, "]");
   const int64_t n = keys.size(0);
-  const auto pos = checked_positions(positions, n);
-  const SketchHash hash = sketch_hash(coefficients, rows, buckets);
+  const auto pos = sketch_positions(positions, n, torch::kCPU);
+  const auto coef = sketch_coefficients(coefficients, rows, torch::kCPU);
+  const SketchHash hash{coef.data_ptr<int64_t>(), buckets};
   const auto k = keys.to(torch::kFloat32).contiguous();
   const auto v = values.to(torch::kFloat32).contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -169,8 +134,9 @@ torch::Tensor count_sketch_estimate_cpu(const torch::Tensor& buckets,
   check_buckets(sums, "buckets");
   const int64_t rows = sums.size(0), nb = sums.size(1), d = sums.size(2);
   const int64_t n = positions.numel();
-  const auto pos = checked_positions(positions, n);
-  const SketchHash hash = sketch_hash(coefficients, rows, nb);
+  const auto pos = sketch_positions(positions, n, torch::kCPU);
+  const auto coef = sketch_coefficients(coefficients, rows, torch::kCPU);
+  const SketchHash hash{coef.data_ptr<int64_t>(), nb};
   auto out = torch::zeros({n, d}, torch::kFloat32);
   const float* sp = sums.data_ptr<float>();
   const int64_t* pp = pos.data_ptr<int64_t>();
@@ -199,8 +165,9 @@ torch::Tensor count_sketch_logits_cpu(const torch::Tensor& query,
   TORCH_CHECK(query.dim() == 2 && query.size(1) == d, "query must be [Q, ", d, "]");
   const auto q = query.to(torch::kFloat32).contiguous();
   const int64_t nq = q.size(0), n = positions.numel();
-  const auto pos = checked_positions(positions, n);
-  const SketchHash hash = sketch_hash(coefficients, rows, nb);
+  const auto pos = sketch_positions(positions, n, torch::kCPU);
+  const auto coef = sketch_coefficients(coefficients, rows, torch::kCPU);
+  const SketchHash hash{coef.data_ptr<int64_t>(), nb};
   // One dot product per (query, bucket), then a signed gather per token.
   const auto per_bucket = torch::matmul(q, sums.view({rows * nb, d}).t()).contiguous();
   const float* pb = per_bucket.data_ptr<float>();

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include "../op_checks.h"
 #include "attention_kernels.cuh"
 
 namespace kvreviver {
@@ -95,10 +96,7 @@ void paged_attention_quantized_cuda(
     const torch::Tensor& seq_lens, const torch::Tensor& vague_tokens,
     const torch::Tensor& query_start_loc, double scale, int64_t score_window,
     int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
-              "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
-  TORCH_CHECK(group > 0 && query.size(2) % group == 0, "group=", group,
-              " must divide the head size ", query.size(2));
+  check_store_layout(query.size(2), bits, group);
   const c10::cuda::CUDAGuard guard(query.device());
   const auto starts = exact_start.to(query.device(), torch::kInt32).contiguous();
   const auto counts = vague_tokens.to(query.device(), torch::kInt32).contiguous();

@@ -7,52 +7,15 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include "../op_checks.h"
+#include "../quantized_records.h"
 #include "vague_store_kernels.cuh"
 
 namespace kvreviver {
 namespace {
 
-constexpr int64_t kSketchPrime = 2147483647;
-
 void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
-
-void check_layout(int64_t head_size, int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
-              "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
-  TORCH_CHECK(group > 0 && head_size % group == 0 && (group * bits) % 8 == 0,
-              "group=", group, " must divide the head size ", head_size,
-              " into whole bytes of codes");
-}
-
-int64_t record_bytes(int64_t d, int64_t bits, int64_t group) {
-  return 2 * (d * bits / 8) + 8 * (d / group) + 8;
-}
-
-torch::Tensor sketch_positions(const torch::Tensor& positions, const torch::Device& device) {
-  auto p = positions.to(device, torch::kInt64).contiguous();
-  if (p.numel() > 0)
-    TORCH_CHECK(p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kSketchPrime,
-                "positions must lie in [0, 2**31 - 1)");
-  return p;
-}
-
-torch::Tensor sketch_coefficients(const torch::Tensor& coefficients, int64_t rows,
-                                  const torch::Device& device) {
-  TORCH_CHECK(coefficients.scalar_type() == torch::kInt64 && coefficients.dim() == 2 &&
-                  coefficients.size(0) == rows && coefficients.size(1) == 4,
-              "coefficients must be a contiguous int64 [rows=", rows, ", 4]");
-  TORCH_CHECK(coefficients.min().item<int64_t>() > 0 &&
-                  coefficients.max().item<int64_t>() < kSketchPrime,
-              "hash coefficients must lie in [1, 2**31 - 1)");
-  return coefficients.to(device).contiguous();
-}
-
-void check_buckets(const torch::Tensor& buckets, const char* name) {
-  TORCH_CHECK(buckets.scalar_type() == torch::kFloat32 && buckets.is_contiguous() &&
-                  buckets.dim() == 3,
-              name, " must be a contiguous float32 [rows, buckets, D]");
 }
 
 }  // namespace
@@ -63,14 +26,14 @@ torch::Tensor quantize_records_cuda(const torch::Tensor& keys, const torch::Tens
   TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes(),
               "keys and values must both be [N, head_size]");
   const int64_t n = keys.size(0), d = keys.size(1);
-  check_layout(d, bits, group);
+  check_store_layout(d, bits, group);
   TORCH_CHECK(positions.numel() == n && scores.numel() == n, "one position and score per token");
   const c10::cuda::CUDAGuard guard(keys.device());
   const auto k = keys.to(torch::kFloat32).contiguous();
   const auto v = values.to(torch::kFloat32).contiguous();
   const auto pos = positions.to(keys.device(), torch::kInt32).contiguous();
   const auto sc = scores.to(keys.device(), torch::kFloat32).contiguous();
-  auto records = torch::empty({n, record_bytes(d, bits, group)},
+  auto records = torch::empty({n, RecordLayout{bits, group}.record_bytes(d)},
                               keys.options().dtype(torch::kUInt8));
   check(cuda::launch_quantize_records(k.data_ptr<float>(), v.data_ptr<float>(),
                                       pos.data_ptr<int32_t>(), sc.data_ptr<float>(),
@@ -84,8 +47,8 @@ torch::Tensor quantize_records_cuda(const torch::Tensor& keys, const torch::Tens
 std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cuda(const torch::Tensor& records,
                                                                  int64_t head_size, int64_t bits,
                                                                  int64_t group) {
-  check_layout(head_size, bits, group);
-  const int64_t rb = record_bytes(head_size, bits, group);
+  check_store_layout(head_size, bits, group);
+  const int64_t rb = RecordLayout{bits, group}.record_bytes(head_size);
   TORCH_CHECK(records.scalar_type() == torch::kUInt8 && records.dim() == 2 &&
                   records.size(1) == rb,
               "records must be uint8 [N, ", rb, "] for head size ", head_size, ", bits=", bits,
@@ -114,12 +77,11 @@ void count_sketch_add_cuda(torch::Tensor bucket_keys, torch::Tensor bucket_value
   const int64_t d = bucket_keys.size(2);
   TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes() && keys.size(1) == d,
               "keys and values must both be [N, ", d, "]");
-  TORCH_CHECK(positions.numel() == keys.size(0), "one position per token");
   const c10::cuda::CUDAGuard guard(bucket_keys.device());
   const auto device = bucket_keys.device();
   const auto k = keys.to(device, torch::kFloat32).contiguous();
   const auto v = values.to(device, torch::kFloat32).contiguous();
-  const auto pos = sketch_positions(positions, device);
+  const auto pos = sketch_positions(positions, keys.size(0), device);
   const auto coef = sketch_coefficients(coefficients, rows, device);
   check(cuda::launch_count_sketch_add(bucket_keys.data_ptr<float>(), bucket_values.data_ptr<float>(),
                                       k.data_ptr<float>(), v.data_ptr<float>(),
@@ -137,7 +99,7 @@ torch::Tensor count_sketch_estimate_cuda(const torch::Tensor& buckets,
   check_buckets(sums, "buckets");
   const c10::cuda::CUDAGuard guard(sums.device());
   const int64_t rows = sums.size(0), nb = sums.size(1), d = sums.size(2);
-  const auto pos = sketch_positions(positions.reshape({-1}), sums.device());
+  const auto pos = sketch_positions(positions, positions.numel(), sums.device());
   const auto coef = sketch_coefficients(coefficients, rows, sums.device());
   auto out = torch::empty({pos.numel(), d}, sums.options());
   check(cuda::launch_count_sketch_estimate(sums.data_ptr<float>(), pos.data_ptr<int64_t>(),
@@ -159,7 +121,7 @@ torch::Tensor count_sketch_logits_cuda(const torch::Tensor& query,
   TORCH_CHECK(query.dim() == 2 && query.size(1) == d, "query must be [Q, ", d, "]");
   const c10::cuda::CUDAGuard guard(sums.device());
   const auto q = query.to(sums.device(), torch::kFloat32).contiguous();
-  const auto pos = sketch_positions(positions.reshape({-1}), sums.device());
+  const auto pos = sketch_positions(positions, positions.numel(), sums.device());
   const auto coef = sketch_coefficients(coefficients, rows, sums.device());
   // One dot product per (query, bucket) on cuBLAS, then a signed gather per token.
   const auto per_bucket = torch::matmul(q, sums.view({rows * nb, d}).t()).contiguous();
