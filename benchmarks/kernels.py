@@ -2,7 +2,9 @@
 
 What it measures, on CPU with torch using every available core:
 
-* each compiled op (``torch.ops.kvreviver.paged_attention`` / ``write_kv``) against its
+* each compiled op (``torch.ops.kvreviver.paged_attention`` / ``write_kv`` /
+  ``paged_attention_quantized`` and the vague-store ops ``quantize_records`` /
+  ``dequantize_records`` / ``count_sketch_add`` / ``count_sketch_logits``) against its
   PyTorch reference (``kvreviver_vllm.sketch``), same signature, same inputs;
 * the compiled ops against vLLM's own CPU kernels doing the same work:
   ``cpu_attention_with_kv_cache`` (outputs checked to agree with ours before timing) and
@@ -156,7 +158,16 @@ def cases(quick: bool) -> list[Case]:
         Case("write_kv", "decode", 16, contexts[-1], 1),
         Case("write_kv", "prefill", 1, prefill_context, prefill_new),
     ]
-    return attention + write
+    # Vague-store ops, one KV head: a compaction encodes a staging room of demoted
+    # tokens; revival reads a store of a quarter of the longest context.
+    demoted, stored = 128, contexts[-1] // 4
+    store = [
+        Case("quantize_records", "insert", 1, stored, demoted),
+        Case("dequantize_records", "revive", 1, stored, stored),
+        Case("count_sketch_add", "insert", 1, stored, demoted),
+        Case("count_sketch_logits", "revive", 1, stored, NUM_Q_HEADS // NUM_KV_HEADS),
+    ]
+    return attention + write + store
 
 
 def load_vllm_kernels():
@@ -375,6 +386,37 @@ def write_kv_impls(case: Case, vllm_ops, isa: str) -> dict[str, Callable]:
     return impls
 
 
+def store_impls(case: Case) -> dict[str, Callable]:
+    """Compiled store op and its reference on the same inputs, after checking they
+    agree (``new_tokens`` tokens inserted, or ``context`` tokens revived)."""
+    gen = torch.Generator().manual_seed(0)
+    config = KVReviverConfig()
+    store = QuantizedStore(HEAD_SIZE, config.bits, sketch.slot_width(HEAD_SIZE, DTYPE) * 2)
+    n = case.new_tokens if case.phase == "insert" else case.context
+    keys, values = (torch.randn(n, HEAD_SIZE, generator=gen) for _ in range(2))
+    positions, scores = torch.randperm(8192, generator=gen)[:n], torch.rand(n, generator=gen)
+    coefficients = torch.randint(1, sketch.SKETCH_PRIME, (config.sketch_rows, 4), generator=gen)
+    sums = torch.randn(config.sketch_rows, config.sketch_buckets, HEAD_SIZE, generator=gen)
+    query = torch.randn(case.new_tokens, HEAD_SIZE, generator=gen)
+    records = sketch.quantize_records(keys, values, positions, scores, store.bits, store.group)
+    args = {
+        "quantize_records": (keys, values, positions, scores, store.bits, store.group),
+        "dequantize_records": (records, HEAD_SIZE, store.bits, store.group),
+        "count_sketch_add": (sums.clone(), sums.clone(), keys, values, positions, coefficients),
+        "count_sketch_logits": (query, sums, positions, coefficients),
+    }[case.op]
+    reference, compiled = getattr(sketch, case.op), getattr(torch.ops.kvreviver, case.op)
+    if case.op == "count_sketch_add":  # in place: compare the sums after one call each
+        want, got = [a.clone() for a in args[:2]], [a.clone() for a in args[:2]]
+        reference(*want, *args[2:])
+        compiled(*got, *args[2:])
+    else:
+        want, got = reference(*args), compiled(*args)
+    for w, g in zip(*(x if isinstance(x, (tuple, list)) else (x,) for x in (want, got))):
+        torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-4, msg=lambda m: f"{case.label}: {m}")
+    return {"reference": lambda: reference(*args), "compiled": lambda: compiled(*args)}
+
+
 def time_round(impls: dict[str, Callable], order: list[str]) -> dict[str, float]:
     """One call of each implementation, in ``order``; seconds per call."""
     seconds = {}
@@ -423,8 +465,10 @@ def run_case(case: Case, settings: Settings, vllm_ops, isa: str, kv_split: bool)
         impls = attention_impls(case, vllm_ops, isa, kv_split)
     elif case.op == "revived_attention":
         impls = revived_impls(case, vllm_ops, isa, kv_split)
-    else:
+    elif case.op == "write_kv":
         impls = write_kv_impls(case, vllm_ops, isa)
+    else:
+        impls = store_impls(case)
     return summarize(case, time_interleaved(impls, settings))
 
 
@@ -436,16 +480,16 @@ def print_table(results: list[dict]) -> None:
         return f"{v:.2f}x"
 
     columns = [  # header, width, formatter (str: left-aligned), value of a result (None: "-")
-        ("op", 19, str, lambda r: r["op"]),
+        ("op", 21, str, lambda r: r["op"]),
         ("case", 31, str, lambda r: r["label"]),
         ("reps", 6, int, lambda r: r["repeats"]),
         ("ref ms", 10, ms, lambda r: r["ms"]["reference"]),
         ("ours ms", 10, ms, lambda r: r["ms"]["compiled"]),
         ("+scores ms", 11, ms, lambda r: r["ms"].get("compiled_scores")),
-        ("vllm ms", 10, ms, lambda r: r["ms"]["vllm"]),
+        ("vllm ms", 10, ms, lambda r: r["ms"].get("vllm")),
         ("vllm md ms", 11, ms, lambda r: r["ms"].get("vllm_metadata")),
         ("ref/ours", 10, ratio, lambda r: r["ratios"][SPEEDUPS[0]]),
-        ("vllm/ours", 10, ratio, lambda r: r["ratios"][SPEEDUPS[1]]),
+        ("vllm/ours", 10, ratio, lambda r: r["ratios"].get(SPEEDUPS[1])),
         ("scores/ours", 12, ratio, lambda r: r["ratios"].get(OVERHEAD)),
     ]
 
@@ -496,10 +540,11 @@ def plot(results: list[dict], env: dict, path: Path) -> None:
     height = 0.8 / len(SPEEDUPS)
     for i, name in enumerate(SPEEDUPS):
         offsets = [k + (i - (len(SPEEDUPS) - 1) / 2) * height for k in rows]
-        values = [r["ratios"][name] for r in results]
+        values = [r["ratios"].get(name, float("nan")) for r in results]  # store ops: no vLLM
         color = COLORS[name.split("/")[0]]
         bars = ratio_ax.barh(offsets, values, height, label=name, color=color)
-        ratio_ax.bar_label(bars, [f"{v:.2f}x" for v in values], fontsize=7, padding=2)
+        ratio_ax.bar_label(bars, ["" if math.isnan(v) else f"{v:.2f}x" for v in values],
+                           fontsize=7, padding=2)
     ratio_ax.axvline(1.0, color="black", linewidth=1)
     ratio_ax.set_xscale("log")
     ratio_ax.set_xlabel("speed-up of compiled (median paired ratio, log scale; > 1: ours faster)")
