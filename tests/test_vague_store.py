@@ -223,6 +223,18 @@ def test_count_sketch_sums_signed_tokens_and_revives_by_mean():
     torch.testing.assert_close(store.revive(lone, 1, seed=11)[0], keys[:1])
 
 
+def test_count_sketch_adds_to_a_bf16_store():
+    """A second compaction adds to the sums read back from bf16 pages."""
+    store = CountSketchStore(64, 3, 8, SLOT_BYTES, torch.bfloat16)
+    empty = torch.zeros(0, SLOT_BYTES, dtype=torch.uint8)
+    keys = torch.randn(40, 64)
+    first = store.absorb(empty, 0, keys[:20], keys[:20], torch.arange(20), torch.zeros(20), 20, seed=5)
+    both = store.absorb(first, 20, keys[20:], keys[20:], torch.arange(20, 40), torch.zeros(20), 40, seed=5)
+    at_once = store.absorb(empty, 0, keys, keys, torch.arange(40), torch.zeros(40), 40, seed=5)
+    torch.testing.assert_close(store.bucket_sums(both)[0], store.bucket_sums(at_once)[0],
+                               atol=0.1, rtol=0.02)  # bf16 sums rounded once more
+
+
 def test_count_sketch_keeps_the_newest_positions_when_full():
     store = CountSketchStore(64, 2, 4, SLOT_BYTES, torch.bfloat16)
     keys = torch.randn(100, 64)

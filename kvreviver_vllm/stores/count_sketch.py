@@ -65,11 +65,13 @@ class CountSketchStore(VagueStore):
 
     # -- layout ---------------------------------------------------------------
     def bucket_sums(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bucket keys and values ``float32 [rows, buckets, D]``."""
+        """Bucket keys and values ``float32 [rows, buckets, D]``, contiguous copies
+        (``ops.count_sketch_add`` adds to them in place)."""
         sums = pages[: self.sketch_slots].contiguous().view(self.dtype).float()
         d = self.head_size
         shape = (self.rows, self.buckets, d)
-        return sums[:, :d].reshape(shape), sums[:, d : 2 * d].reshape(shape)
+        return (sums[:, :d].contiguous().view(shape),
+                sums[:, d : 2 * d].contiguous().view(shape))
 
     def positions_of(self, pages: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Positions of the tokens folded in, ascending."""
