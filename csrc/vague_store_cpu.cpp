@@ -35,11 +35,8 @@ struct SketchHash {
 torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tensor& values,
                                    const torch::Tensor& positions, const torch::Tensor& scores,
                                    int64_t bits, int64_t group) {
-  TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes(),
-              "keys and values must both be [N, head_size]");
+  check_record_inputs(keys, values, positions, scores, bits, group);
   const int64_t n = keys.size(0), d = keys.size(1);
-  check_store_layout(d, bits, group);
-  TORCH_CHECK(positions.numel() == n && scores.numel() == n, "one position and score per token");
   const RecordLayout layout{bits, group};
   const int64_t rb = layout.record_bytes(d), cb = layout.code_bytes(d), ng = d / group;
   auto records = torch::empty({n, rb}, torch::kUInt8);
@@ -68,14 +65,10 @@ torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tenso
 std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cpu(const torch::Tensor& records,
                                                                 int64_t head_size, int64_t bits,
                                                                 int64_t group) {
-  check_store_layout(head_size, bits, group);
+  check_records(records, head_size, bits, group);
   const RecordLayout layout{bits, group};
   const int64_t rb = layout.record_bytes(head_size), cb = layout.code_bytes(head_size);
   const int64_t ng = head_size / group;
-  TORCH_CHECK(records.scalar_type() == torch::kUInt8 && records.dim() == 2 &&
-                  records.size(1) == rb,
-              "records must be uint8 [N, ", rb, "] for head size ", head_size, ", bits=", bits,
-              ", group=", group);
   const auto rec = records.contiguous();
   const int64_t n = rec.size(0);
   auto keys = torch::empty({n, head_size}, torch::kFloat32);
@@ -98,13 +91,9 @@ std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cpu(const torch::Ten
 void count_sketch_add_cpu(torch::Tensor bucket_keys, torch::Tensor bucket_values,
                           const torch::Tensor& keys, const torch::Tensor& values,
                           const torch::Tensor& positions, const torch::Tensor& coefficients) {
-  check_buckets(bucket_keys, "bucket_keys");
-  check_buckets(bucket_values, "bucket_values");
-  TORCH_CHECK(bucket_keys.sizes() == bucket_values.sizes(), "bucket sums must match in shape");
+  check_sketch_add(bucket_keys, bucket_values, keys, values);
   const int64_t rows = bucket_keys.size(0), buckets = bucket_keys.size(1);
   const int64_t d = bucket_keys.size(2);
-  TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes() && keys.size(1) == d,
-              "keys and values must both be [N, ", d, "]");
   const int64_t n = keys.size(0);
   const auto pos = sketch_positions(positions, n, torch::kCPU);
   const auto coef = sketch_coefficients(coefficients, rows, torch::kCPU);

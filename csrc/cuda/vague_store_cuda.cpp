@@ -23,11 +23,8 @@ void check(cudaError_t err, const char* what) {
 torch::Tensor quantize_records_cuda(const torch::Tensor& keys, const torch::Tensor& values,
                                     const torch::Tensor& positions, const torch::Tensor& scores,
                                     int64_t bits, int64_t group) {
-  TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes(),
-              "keys and values must both be [N, head_size]");
+  check_record_inputs(keys, values, positions, scores, bits, group);
   const int64_t n = keys.size(0), d = keys.size(1);
-  check_store_layout(d, bits, group);
-  TORCH_CHECK(positions.numel() == n && scores.numel() == n, "one position and score per token");
   const c10::cuda::CUDAGuard guard(keys.device());
   const auto k = keys.to(torch::kFloat32).contiguous();
   const auto v = values.to(torch::kFloat32).contiguous();
@@ -47,12 +44,7 @@ torch::Tensor quantize_records_cuda(const torch::Tensor& keys, const torch::Tens
 std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cuda(const torch::Tensor& records,
                                                                  int64_t head_size, int64_t bits,
                                                                  int64_t group) {
-  check_store_layout(head_size, bits, group);
-  const int64_t rb = RecordLayout{bits, group}.record_bytes(head_size);
-  TORCH_CHECK(records.scalar_type() == torch::kUInt8 && records.dim() == 2 &&
-                  records.size(1) == rb,
-              "records must be uint8 [N, ", rb, "] for head size ", head_size, ", bits=", bits,
-              ", group=", group);
+  check_records(records, head_size, bits, group);
   const c10::cuda::CUDAGuard guard(records.device());
   const auto rec = records.contiguous();
   const int64_t n = rec.size(0);
@@ -70,13 +62,9 @@ std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cuda(const torch::Te
 void count_sketch_add_cuda(torch::Tensor bucket_keys, torch::Tensor bucket_values,
                            const torch::Tensor& keys, const torch::Tensor& values,
                            const torch::Tensor& positions, const torch::Tensor& coefficients) {
-  check_buckets(bucket_keys, "bucket_keys");
-  check_buckets(bucket_values, "bucket_values");
-  TORCH_CHECK(bucket_keys.sizes() == bucket_values.sizes(), "bucket sums must match in shape");
+  check_sketch_add(bucket_keys, bucket_values, keys, values);
   const int64_t rows = bucket_keys.size(0), buckets = bucket_keys.size(1);
   const int64_t d = bucket_keys.size(2);
-  TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes() && keys.size(1) == d,
-              "keys and values must both be [N, ", d, "]");
   const c10::cuda::CUDAGuard guard(bucket_keys.device());
   const auto device = bucket_keys.device();
   const auto k = keys.to(device, torch::kFloat32).contiguous();
