@@ -24,6 +24,17 @@ TORCH_LIBRARY(kvreviver, m) {
       "paged_attention_quantized(Tensor(a!) out, Tensor query, Tensor(b!) kv_cache, "
       "Tensor block_table, Tensor exact_start, Tensor seq_lens, Tensor vague_tokens, "
       "Tensor query_start_loc, float scale, int score_window, int bits, int group) -> ()");
+  // Compaction of one request (block_row [width]), per KV head: move its slots
+  // kept_slots [Hkv, keep] (ascending) to slots [0, keep), scores reset.
+  m.def("compact_slots(Tensor(a!) kv_cache, Tensor block_row, Tensor kept_slots) -> ()");
+  // Compaction into the quantized store, per KV head: keep exact slots
+  // kept_exact [Hkv, K] (ascending indices into [exact_start, seq_len)), turn the
+  // others into records, keep the keep_vague best of old + new records (pooled
+  // score, ties to the older) in position order at slots [0, P), the kept exact
+  // slots right after; every score reset.
+  m.def(
+      "compact_quantized(Tensor(a!) kv_cache, Tensor block_row, int exact_start, int seq_len, "
+      "int num_vague, Tensor kept_exact, int keep_vague, int bits, int group) -> ()");
   // Records uint8 [N, record_bytes] of tokens keys/values [N, D] (quantized
   // per group of channels at `bits` bits), with their positions and scores.
   m.def(

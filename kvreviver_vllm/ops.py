@@ -75,8 +75,33 @@ def paged_attention_revived(out, query, kv_cache, block_table, exact_start, seq_
         )
 
 
-# Compaction moves stay in PyTorch (they run once per request every few hundred
-# tokens, or once per prompt chunk); the stores encode through the ops above.
-compact = sketch.compact
-compact_into_store = sketch.compact_into_store
+def _compiled_on(kv_cache: torch.Tensor) -> bool:
+    # Compaction has CPU kernels only; on CUDA it runs as PyTorch on the GPU.
+    return implementation() == COMPILED and kv_cache.device.type == "cpu"
+
+
+def compact(kv_cache, block_row, kept_slots) -> None:
+    """:func:`sketch.compact`, compiled on CPU."""
+    if _compiled_on(kv_cache):
+        torch.ops.kvreviver.compact_slots(kv_cache, block_row, kept_slots)
+    else:
+        sketch.compact(kv_cache, block_row, kept_slots)
+
+
+def compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
+                       keep_vague, store, layer_seed) -> None:
+    """:func:`sketch.compact_into_store`; one compiled op for the quantized store on
+    CPU (a prompt chunk compacts every layer of every request it touches)."""
+    from kvreviver_vllm.stores import QuantizedStore
+
+    if _compiled_on(kv_cache) and isinstance(store, QuantizedStore):
+        torch.ops.kvreviver.compact_quantized(
+            kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact, keep_vague,
+            store.bits, store.group,
+        )
+    else:
+        sketch.compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague,
+                                  kept_exact, keep_vague, store, layer_seed)
+
+
 request_scores = sketch.request_scores

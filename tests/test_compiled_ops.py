@@ -251,3 +251,110 @@ def test_stores_use_the_compiled_store_ops(monkeypatch):
     pages = sketch_store.absorb(torch.zeros(0, 264, dtype=torch.uint8), 0, keys, keys,
                                 torch.arange(10), torch.zeros(10), 10, seed=1)
     assert sketch_store.revive(pages, 10, seed=1)[0].shape == (10, 64)
+
+
+def _with_scores(cache, table_row, num_slots, scores):
+    """Overwrite the scores of a request's first slots ``[Hkv, num_slots]``."""
+    _, score = sketch.slot_meta(cache)
+    blocks, offsets = sketch.physical_slots(table_row, torch.arange(num_slots), cache.shape[2])
+    score[blocks, :, offsets] = scores.T
+
+
+def _tied_scores(gen, *shape):
+    # Few distinct values, so pooled-score ties decide which records survive.
+    return torch.randint(0, 4, shape, generator=gen).float() / 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    num_kv_heads=st.sampled_from([1, 3]),
+    head_size=st.sampled_from([64, 128]),
+    block_size=st.sampled_from([16, 32, 128]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_compact_quantized_matches_reference(data, bits, num_kv_heads, head_size, block_size, dtype):
+    num_vague = data.draw(st.integers(0, 300))
+    num_exact = data.draw(st.integers(1, 200))
+    num_kept = data.draw(st.integers(0, num_exact))
+    keep_vague = data.draw(st.integers(0, num_vague + num_exact - num_kept))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
+    store = QuantizedStore(head_size, bits, slot_bytes)
+    pages = store.slots_for(num_vague)
+    # Positions near 8192; old records interleave with the exact tokens.
+    order = torch.randperm(num_vague + num_exact, generator=gen) + 8192 - num_vague - num_exact
+    vague_pos, exact_pos = order[:num_vague].sort().values, order[num_vague:].sort().values
+    cache, table, _, _ = build_cache([pages + num_exact], num_kv_heads, head_size, block_size,
+                                     dtype, gen)
+    positions, _ = sketch.slot_meta(cache)
+    blocks, offsets = sketch.physical_slots(table[0], torch.arange(pages, pages + num_exact), block_size)
+    positions[blocks, :, offsets] = exact_pos.to(torch.int32)[:, None]
+    _with_scores(cache, table[0], pages + num_exact, _tied_scores(gen, num_kv_heads, pages + num_exact))
+    if num_vague:
+        records = [store.encode(torch.randn(num_vague, head_size, generator=gen),
+                                torch.randn(num_vague, head_size, generator=gen),
+                                vague_pos, _tied_scores(gen, num_vague))
+                   for _ in range(num_kv_heads)]
+        sketch.write_store_pages(cache, table[0], torch.stack([store.to_pages(x) for x in records]))
+    kept = torch.stack([torch.randperm(num_exact, generator=gen)[:num_kept].sort().values
+                        for _ in range(num_kv_heads)])
+    want = cache.clone()
+    sketch.compact_into_store(want, table[0], pages, pages + num_exact, num_vague, kept, keep_vague,
+                              store, 0)
+    ops.compact_into_store(cache, table[0], pages, pages + num_exact, num_vague, kept, keep_vague,
+                           store, 0)
+    # Byte for byte (unused slots hold NaN, equal as bytes).
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    data=st.data(),
+    num_kv_heads=st.sampled_from([1, 3]),
+    block_size=st.sampled_from([16, 32, 128]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_compact_slots_matches_reference(data, num_kv_heads, block_size, dtype):
+    num_slots = data.draw(st.integers(1, 400))
+    keep = data.draw(st.integers(0, num_slots))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    cache, table, _, _ = build_cache([num_slots], num_kv_heads, 64, block_size, dtype, gen)
+    _with_scores(cache, table[0], num_slots, torch.rand(num_kv_heads, num_slots, generator=gen))
+    kept = torch.stack([torch.randperm(num_slots, generator=gen)[:keep].sort().values
+                        for _ in range(num_kv_heads)])
+    want = cache.clone()
+    sketch.compact(want, table[0], kept)
+    ops.compact(cache, table[0], kept)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_compaction_ops_reject_bad_arguments():
+    cache = torch.zeros(4, 2, 16, sketch.slot_width(64, torch.float32))
+    row = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"kept_slots\[0, 1\]=40 is out of range \[0, 32\)"):
+        torch.ops.kvreviver.compact_slots(cache, row, torch.tensor([[1, 40], [1, 2]]))
+    with pytest.raises(RuntimeError, match=r"kept_slots\[1\] must be strictly ascending"):
+        torch.ops.kvreviver.compact_slots(cache, row, torch.tensor([[1, 2], [2, 1]]))
+    with pytest.raises(RuntimeError, match=r"block ids must lie in \[0, 4\), got \[0, 9\]"):
+        torch.ops.kvreviver.compact_slots(cache, torch.tensor([0, 9]), torch.tensor([[0], [0]]))
+    kept = torch.tensor([[0, 1], [0, 1]])
+    with pytest.raises(RuntimeError, match=r"keep_vague=9 is out of range \[0, 8\]"):
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 9, 4, 32)
+    with pytest.raises(RuntimeError, match=r"num_vague=50 records do not fit in the 2 store slots"):
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 50, kept, 0, 4, 32)
+    with pytest.raises(RuntimeError, match=r"bits=5 is not supported"):
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 5, 32)
+    with pytest.raises(RuntimeError, match=r"seq_len \(40\) <= the request's 32 slots"):
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 40, 0, kept, 0, 4, 32)
+
+
+def test_backend_compacts_through_the_compiled_ops(monkeypatch):
+    for name in ("compact", "compact_into_store"):
+        monkeypatch.setattr(sketch, name, lambda *a, _n=name, **k: pytest.fail(f"reference {_n}"))
+    gen = torch.Generator().manual_seed(0)
+    cache, table, _, _ = build_cache([40], 1, 64, 16, torch.bfloat16, gen)
+    store = QuantizedStore(64, 4, sketch.slot_width(64, torch.bfloat16) * 2)
+    ops.compact_into_store(cache, table[0], 0, 40, 0, torch.arange(10)[None], 30, store, 0)
+    ops.compact(cache, table[0], torch.arange(5)[None])

@@ -99,12 +99,16 @@ class QuantizedStore(VagueStore):
         stored in position order with their importance reset. Records are ranked
         as exact slots are (:func:`policy.pooled_scores`): by the importance since
         the last compaction, max-pooled over neighbouring records, so a needle's
-        tokens survive together rather than its one most-attended token."""
+        tokens survive together rather than its one most-attended token.
+        ``ops.compact_into_store`` runs the same in one compiled op."""
         records = torch.cat(
             [self.from_pages(pages, num_tokens), self.encode(keys, values, positions, scores)]
         )
         rec_positions, rec_scores = self.meta(records)
         records = records[rec_positions.argsort()]
         _, rec_scores = self.meta(records)
-        best = pooled_scores(rec_scores[None])[0].topk(keep).indices.sort().values
+        # A stable sort, so ties (pooling makes plateaus) go to the older record,
+        # as in the compiled compaction.
+        ranked = pooled_scores(rec_scores[None])[0].sort(descending=True, stable=True)
+        best = ranked.indices[:keep].sort().values
         return self.to_pages(self.with_scores(records[best], torch.zeros(keep)))

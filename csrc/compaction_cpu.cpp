@@ -1,0 +1,261 @@
+// CPU kernels of compaction: the moves that shrink one request's slots back to
+// its budget after a step. Semantics: kvreviver_vllm/sketch.py (compact,
+// compact_into_store with the quantized store's absorb).
+//
+// A request's slots (paged cache [num_blocks, num_kv_heads, block_size, W]):
+//   [0, exact_start)          quantized vague-store records, back to back
+//   [exact_start, seq_len)    exact slots in position order (K | V | position | score)
+// Every KV head is laid out, and compacted, independently.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "op_checks.h"
+#include "quantized_records.h"
+
+namespace kvreviver {
+namespace {
+
+constexpr int64_t kMetaBytes = 8;  // position int32 + score float32 after K | V
+
+// Byte addressing of one request's slots of one KV head.
+struct RequestSlots {
+  uint8_t* cache;
+  const int64_t* blocks;
+  int64_t block_size, slot_bytes, head_stride, block_stride;
+
+  uint8_t* slot(int64_t h, int64_t s) const {
+    return cache + blocks[s / block_size] * block_stride + h * head_stride +
+           (s % block_size) * slot_bytes;
+  }
+  // Copies slots [first, first + n) of head h to dst (n * slot_bytes bytes).
+  void read(int64_t h, int64_t first, int64_t n, uint8_t* dst) const {
+    for (int64_t s = 0; s < n; ++s) std::memcpy(dst + s * slot_bytes, slot(h, first + s), slot_bytes);
+  }
+  // Writes n slots from src to slots [first, first + n) of head h.
+  void write(int64_t h, int64_t first, int64_t n, const uint8_t* src) const {
+    for (int64_t s = 0; s < n; ++s) std::memcpy(slot(h, first + s), src + s * slot_bytes, slot_bytes);
+  }
+};
+
+RequestSlots request_slots(torch::Tensor& kv_cache, const torch::Tensor& blocks) {
+  const int64_t slot_bytes = kv_cache.size(3) * kv_cache.element_size();
+  return {static_cast<uint8_t*>(kv_cache.data_ptr()), blocks.data_ptr<int64_t>(),
+          kv_cache.size(2), slot_bytes, kv_cache.size(2) * slot_bytes,
+          kv_cache.size(1) * kv_cache.size(2) * slot_bytes};
+}
+
+void check_cache(const torch::Tensor& kv_cache) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
+  TORCH_CHECK((kv_cache.size(3) * kv_cache.element_size() - kMetaBytes) %
+                      (2 * kv_cache.element_size()) == 0,
+              "kv_cache slots must hold K, V and 8 metadata bytes");
+}
+
+// The block row as int64, and the request's slot count it covers.
+torch::Tensor block_row_of(const torch::Tensor& block_row, const torch::Tensor& kv_cache) {
+  TORCH_CHECK(block_row.dim() == 1, "block_row must be one request's [width] block ids");
+  auto row = block_row.to(torch::kInt64).contiguous();
+  if (row.numel() > 0) {
+    const int64_t lo = row.min().item<int64_t>(), hi = row.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < kv_cache.size(0), "block ids must lie in [0, ",
+                kv_cache.size(0), "), got [", lo, ", ", hi, "]");
+  }
+  return row;
+}
+
+// Kept slot indices [Hkv, keep], each row ascending within [0, limit).
+torch::Tensor kept_of(const torch::Tensor& kept, int64_t num_kv_heads, int64_t limit,
+                      const char* what) {
+  TORCH_CHECK(kept.dim() == 2 && kept.size(0) == num_kv_heads,
+              what, " must be [kv_heads=", num_kv_heads, ", keep]");
+  auto k = kept.to(torch::kInt64).contiguous();
+  const int64_t* p = k.data_ptr<int64_t>();
+  for (int64_t h = 0; h < k.size(0); ++h)
+    for (int64_t i = 0; i < k.size(1); ++i) {
+      const int64_t s = p[h * k.size(1) + i];
+      TORCH_CHECK(s >= 0 && s < limit, what, "[", h, ", ", i, "]=", s,
+                  " is out of range [0, ", limit, ")");
+      TORCH_CHECK(i == 0 || s > p[h * k.size(1) + i - 1], what, "[", h,
+                  "] must be strictly ascending");
+    }
+  return k;
+}
+
+template <typename scalar_t>
+inline float* slot_score(uint8_t* slot, int64_t d) {
+  return reinterpret_cast<float*>(slot + 2 * d * sizeof(scalar_t)) + 1;
+}
+
+// Max of scores over the POOL_KERNEL (policy.py) neighbours centred on each
+// record: policy.pooled_scores.
+constexpr int64_t kPoolKernel = 7;
+
+std::vector<float> pooled(const std::vector<float>& scores) {
+  const int64_t n = static_cast<int64_t>(scores.size()), half = kPoolKernel / 2;
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = *std::max_element(scores.begin() + std::max<int64_t>(0, i - half),
+                               scores.begin() + std::min(n, i + half + 1));
+  return out;
+}
+
+template <typename scalar_t>
+void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots,
+                              int64_t exact_start, int64_t seq_len, int64_t num_vague,
+                              const int64_t* kept, int64_t num_kept, int64_t keep_vague,
+                              const RecordLayout& layout) {
+  const int64_t num_kv_heads = kv_cache.size(1);
+  const int64_t d = (slots.slot_bytes - kMetaBytes) / (2 * sizeof(scalar_t));
+  const int64_t rb = layout.record_bytes(d), cb = layout.code_bytes(d), ng = d / layout.group;
+  const int64_t sb = slots.slot_bytes;
+  const int64_t num_exact = seq_len - exact_start;
+  const int64_t num_demoted = num_exact - num_kept;
+  const int64_t old_slots = (num_vague * rb + sb - 1) / sb;
+  const int64_t new_slots = (keep_vague * rb + sb - 1) / sb;
+
+  at::parallel_for(0, num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> exact(num_exact * sb), old(old_slots * sb);
+    std::vector<uint8_t> records((num_vague + num_demoted) * rb);
+    std::vector<uint8_t> pages(new_slots * sb);
+    std::vector<float> kf(d), vf(d);
+    for (int64_t h = begin; h < end; ++h) {
+      // Sources first: the new layout overwrites them.
+      slots.read(h, exact_start, num_exact, exact.data());
+      slots.read(h, 0, old_slots, old.data());
+      std::memcpy(records.data(), old.data(), num_vague * rb);
+
+      // The demoted exact tokens become records (as quantize_records).
+      const int64_t* keep = kept + h * num_kept;
+      int64_t next_kept = 0, n = num_vague;
+      for (int64_t e = 0; e < num_exact; ++e) {
+        if (next_kept < num_kept && keep[next_kept] == e) {
+          ++next_kept;
+          continue;
+        }
+        const uint8_t* slot = &exact[e * sb];
+        const auto* kv = reinterpret_cast<const scalar_t*>(slot);
+        for (int64_t i = 0; i < d; ++i) {
+          kf[i] = static_cast<float>(kv[i]);
+          vf[i] = static_cast<float>(kv[d + i]);
+        }
+        uint8_t* rec = &records[n++ * rb];
+        uint8_t* params = rec + layout.params_offset(d);
+        quantize(kf.data(), d, layout.bits, layout.group, rec, params, params + 2 * ng);
+        quantize(vf.data(), d, layout.bits, layout.group, rec + cb, params + 4 * ng,
+                 params + 6 * ng);
+        std::memcpy(rec + rb - kMetaBytes, slot + 2 * d * sizeof(scalar_t), kMetaBytes);
+      }
+
+      // Records in position order, ranked by pooled score: the keep_vague best
+      // (ties: the older) survive, in position order, their scores reset.
+      std::vector<int64_t> order(n);
+      std::iota(order.begin(), order.end(), 0);
+      auto position = [&](int64_t i) {
+        int32_t p;
+        std::memcpy(&p, &records[i * rb + rb - kMetaBytes], 4);
+        return p;
+      };
+      std::sort(order.begin(), order.end(),
+                [&](int64_t a, int64_t b) { return position(a) < position(b); });
+      std::vector<float> scores(n);
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(&scores[i], &records[order[i] * rb + rb - 4], 4);
+      const std::vector<float> ranked = pooled(scores);
+      std::vector<int64_t> best(n);
+      std::iota(best.begin(), best.end(), 0);
+      std::stable_sort(best.begin(), best.end(),
+                       [&](int64_t a, int64_t b) { return ranked[a] > ranked[b]; });
+      best.resize(keep_vague);
+      std::sort(best.begin(), best.end());
+
+      std::fill(pages.begin(), pages.end(), 0);
+      for (int64_t i = 0; i < keep_vague; ++i) {
+        uint8_t* rec = &pages[i * rb];
+        std::memcpy(rec, &records[order[best[i]] * rb], rb - 4);  // score stays 0
+      }
+      slots.write(h, 0, new_slots, pages.data());
+      for (int64_t i = 0; i < num_kept; ++i) {
+        uint8_t* dst = slots.slot(h, new_slots + i);
+        std::memcpy(dst, &exact[keep[i] * sb], sb);
+        *slot_score<scalar_t>(dst, d) = 0.f;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void compact_slots_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
+                       const torch::Tensor& kept_slots) {
+  check_cache(kv_cache);
+  const auto row = block_row_of(block_row, kv_cache);
+  const int64_t capacity = row.numel() * kv_cache.size(2);
+  const auto kept = kept_of(kept_slots, kv_cache.size(1), capacity, "kept_slots");
+  const RequestSlots slots = request_slots(kv_cache, row);
+  const int64_t keep = kept.size(1), sb = slots.slot_bytes;
+  const int64_t d = (sb - kMetaBytes) / (2 * kv_cache.element_size());
+  const int64_t* kp = kept.data_ptr<int64_t>();
+  at::parallel_for(0, kv_cache.size(1), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> buffer(keep * sb);
+    for (int64_t h = begin; h < end; ++h) {
+      // A copy first: a kept slot may be overwritten before it is read.
+      for (int64_t i = 0; i < keep; ++i)
+        std::memcpy(&buffer[i * sb], slots.slot(h, kp[h * keep + i]), sb);
+      for (int64_t i = 0; i < keep; ++i) {
+        uint8_t* dst = slots.slot(h, i);
+        std::memcpy(dst, &buffer[i * sb], sb);
+        std::memset(dst + 2 * d * kv_cache.element_size() + 4, 0, 4);  // score
+      }
+    }
+  });
+}
+
+void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
+                           int64_t exact_start, int64_t seq_len, int64_t num_vague,
+                           const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
+                           int64_t group) {
+  check_cache(kv_cache);
+  const int64_t sb = kv_cache.size(3) * kv_cache.element_size();
+  const int64_t d = (sb - kMetaBytes) / (2 * kv_cache.element_size());
+  check_store_layout(d, bits, group);
+  const RecordLayout layout{bits, group};
+  const int64_t rb = layout.record_bytes(d);
+  const auto row = block_row_of(block_row, kv_cache);
+  const int64_t capacity = row.numel() * kv_cache.size(2);
+  TORCH_CHECK(exact_start >= 0 && exact_start <= seq_len && seq_len <= capacity,
+              "need 0 <= exact_start (", exact_start, ") <= seq_len (", seq_len,
+              ") <= the request's ", capacity, " slots");
+  TORCH_CHECK(num_vague >= 0 && num_vague * rb <= exact_start * sb, "num_vague=", num_vague,
+              " records do not fit in the ", exact_start, " store slots");
+  const auto kept = kept_of(kept_exact, kv_cache.size(1), seq_len - exact_start, "kept_exact");
+  const int64_t num_kept = kept.size(1);
+  const int64_t available = num_vague + seq_len - exact_start - num_kept;
+  TORCH_CHECK(keep_vague >= 0 && keep_vague <= available, "keep_vague=", keep_vague,
+              " is out of range [0, ", available, "] (old records + demoted tokens)");
+  const int64_t new_slots = (keep_vague * rb + sb - 1) / sb;
+  TORCH_CHECK(new_slots + num_kept <= capacity, "the compacted layout (", new_slots,
+              " store slots + ", num_kept, " exact) exceeds the request's ", capacity, " slots");
+  const RequestSlots slots = request_slots(kv_cache, row);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::BFloat16, at::ScalarType::Half, kv_cache.scalar_type(),
+      "kvreviver_compact_quantized", [&] {
+        compact_quantized_kernel<scalar_t>(kv_cache, slots, exact_start, seq_len, num_vague,
+                                           kept.data_ptr<int64_t>(), num_kept, keep_vague,
+                                           layout);
+      });
+}
+
+TORCH_LIBRARY_IMPL(kvreviver, CPU, m) {
+  m.impl("compact_slots", &compact_slots_cpu);
+  m.impl("compact_quantized", &compact_quantized_cpu);
+}
+
+}  // namespace kvreviver
