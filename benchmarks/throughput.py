@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -317,8 +317,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--scenarios", nargs="+", default=["pressure", "no-pressure"],
                         choices=["pressure", "no-pressure"])
+    parser.add_argument("--budgets", type=float, nargs="+",
+                        help="KVReviver budgets under pressure (default: 0.1 0.25)")
+    parser.add_argument("--chunk", type=int,
+                        help="KVReviver's --max-num-batched-tokens (default: 256)")
+    parser.add_argument("--no-stock", action="store_true",
+                        help="skip stock vLLM (no ratios; for probing one setting)")
     args = parser.parse_args()
     setup = QUICK if args.quick else Setup()
+    overrides = {"budgets": tuple(args.budgets) if args.budgets else None, "chunk": args.chunk}
+    setup = replace(setup, **{k: v for k, v in overrides.items() if v is not None})
+    for name, value in (("--budgets", setup.budgets), ("--chunk", (setup.chunk,))):
+        if any(v <= 0 for v in value):
+            parser.error(f"{name} must be positive, got {value}")
     if setup.shared_servers and "pressure" not in args.scenarios:
         parser.error("--quick runs both scenarios on the same servers: keep 'pressure'")
 
@@ -339,6 +350,8 @@ def main() -> int:
         common = dict(num_prompts=setup.requests, input_len=setup.input_len,
                       output_len=setup.output_len, concurrency=None)
         for budget in (None, *setup.budgets):
+            if budget is None and args.no_stock:
+                continue
             loads = plan.setdefault((budget, pool, max_len), [])
             loads.append(("pressure", "burst", dict(common, rate=None)))
             if budget is None or budget in setup.poisson_budgets:
@@ -348,6 +361,8 @@ def main() -> int:
             max_len = max(setup.contexts) + setup.decode_tokens + 64
             pool = 2 * max(setup.concurrency) * max_len * per_token
         for budget in (None, setup.no_pressure_budget):
+            if budget is None and args.no_stock:
+                continue
             loads = plan.setdefault((budget, pool, max_len), [])
             loads += [
                 ("no-pressure", f"c{c}@{n}",

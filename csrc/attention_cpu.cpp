@@ -132,12 +132,16 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   };
   std::vector<Item> tiles;
   int64_t max_keys = 0, max_vague = 0, max_store_slots = 0;
+  std::vector<int64_t> prompt_chunks;  // requests with more than one tile of rows
   for (int64_t r = 0; r < num_reqs; ++r) {
+    max_store_slots = std::max(max_store_slots, exact_start(r));
+    if (qsl_p[r + 1] - qsl_p[r] > kTileRows) {
+      prompt_chunks.push_back(r);
+      continue;
+    }
     max_keys = std::max(max_keys, num_vague(r) + lens_p[r] - exact_start(r));
     max_vague = std::max(max_vague, num_vague(r));
-    max_store_slots = std::max(max_store_slots, exact_start(r));
-    for (int64_t row = qsl_p[r]; row < qsl_p[r + 1]; row += kTileRows)
-      tiles.push_back({r, row, std::min(kTileRows, qsl_p[r + 1] - row)});
+    if (qsl_p[r + 1] > qsl_p[r]) tiles.push_back({r, qsl_p[r], qsl_p[r + 1] - qsl_p[r]});
   }
   const int64_t num_items = static_cast<int64_t>(tiles.size()) * num_kv_heads;
 
@@ -157,52 +161,131 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     return cache + table_p[r * table_width + s / block_size] * block_stride + h * head_stride +
            (s % block_size) * slot_stride;
   };
-  // Revives request r's head-h store: keys transposed ([D, nv], for
-  // tile_logits) into kt, values row-major into v; `records` is byte scratch.
-  auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* kt, float* v) {
+  // Copies request r's head-h store slots into `records` (a record may
+  // straddle two slots) and dequantizes its nv records: values row-major into
+  // v, keys row-major into k ([nv, D]) or, `transposed`, as [D, nv] for
+  // tile_logits.
+  auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* k, float* v,
+                    bool transposed) {
     const int64_t nv = num_vague(r);
     for (int64_t s = 0; s < exact_start(r); ++s)
       std::memcpy(&records[s * slot_bytes], slot_at(r, h, s), slot_bytes);
     const int64_t ng = head_size / store.group;
-    // Keys go row-major into a chunk buffer, then transposed a chunk at a time,
-    // so every store is a run of consecutive floats rather than a scatter.
+    // Transposed keys go row-major into a chunk buffer first, then a chunk at a
+    // time to k, so every store is a run of consecutive floats, not a scatter.
     constexpr int64_t kChunk = 64;
-    std::vector<float> chunk(kChunk * head_size);
+    std::vector<float> chunk(transposed ? kChunk * head_size : 0);
     for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
       const int64_t n = std::min(kChunk, nv - j0);
+      float* keys = transposed ? chunk.data() : k + j0 * head_size;
       for (int64_t o = 0; o < n; ++o) {
         const uint8_t* rec = &records[(j0 + o) * record_bytes];
         const uint8_t* params = rec + 2 * code_bytes;
         dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
-                   &chunk[o * head_size]);
+                   keys + o * head_size);
         dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size, store.bits,
                    store.group, &v[(j0 + o) * head_size]);
       }
-      for (int64_t d = 0; d < head_size; ++d)
-        for (int64_t o = 0; o < n; ++o) kt[d * nv + j0 + o] = chunk[o * head_size + d];
+      if (transposed)
+        for (int64_t d = 0; d < head_size; ++d)
+          for (int64_t o = 0; o < n; ++o) k[d * nv + j0 + o] = chunk[o * head_size + d];
     }
   };
-
-  // A store seen by several query tiles (a prompt chunk) is revived once, up
-  // front; a decoding request's single tile revives its own in scratch.
-  std::vector<int64_t> shared_at(num_reqs, -1);
-  std::vector<std::pair<int64_t, int64_t>> shared_heads;  // (request, head)
-  int64_t shared_floats = 0;
-  for (int64_t r = 0; r < num_reqs; ++r) {
-    if (num_vague(r) == 0 || qsl_p[r + 1] - qsl_p[r] <= kTileRows) continue;
-    shared_at[r] = shared_floats;
-    shared_floats += num_kv_heads * num_vague(r) * head_size;
-    for (int64_t h = 0; h < num_kv_heads; ++h) shared_heads.emplace_back(r, h);
-  }
-  std::vector<float> shared_kt(shared_floats), shared_v(shared_floats);
-  at::parallel_for(0, static_cast<int64_t>(shared_heads.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> records(max_store_slots * slot_bytes);
-    for (int64_t i = begin; i < end; ++i) {
-      const auto [r, h] = shared_heads[i];
-      const int64_t at = shared_at[r] + h * num_vague(r) * head_size;
-      revive(r, h, records.data(), &shared_kt[at], &shared_v[at]);
+  // Adds `received` (attention from the scoring rows) to the score of request
+  // r's head-h key j: a vague record's score field or an exact slot's.
+  auto add_score = [&](int64_t r, int64_t h, int64_t j, float received) {
+    const int64_t nv = num_vague(r);
+    float* field;
+    if (j < nv) {
+      // The record's score field: 4-byte aligned, so never split across slots.
+      const int64_t at = j * record_bytes + record_bytes - 4;
+      field = reinterpret_cast<float*>(
+          reinterpret_cast<uint8_t*>(slot_at(r, h, at / slot_bytes)) + at % slot_bytes);
+    } else {
+      field = slot_score(slot_at(r, h, exact_start(r) + j - nv), head_size);
     }
-  });
+    // Several tasks of a step may add to the same key.
+    std::atomic_ref<float>(*field).fetch_add(received, std::memory_order_relaxed);
+  };
+
+  // Prompt chunks: per (request, KV head) its keys and values as float rows
+  // ([revived vague | exact]), then logits and outputs as two GEMMs per block
+  // of query rows (ATen's, threaded), the causal softmax in between.
+  constexpr int64_t kGemmQueries = 128;
+  for (const int64_t r : prompt_chunks) {
+    const int64_t n = qsl_p[r + 1] - qsl_p[r], nv = num_vague(r);
+    const int64_t ne = lens_p[r] - exact_start(r), total = nv + ne;
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+    auto keys = torch::empty({total, head_size}, f32), values = torch::empty({total, head_size}, f32);
+    std::vector<uint8_t> records(exact_start(r) * slot_bytes);
+    std::vector<float> received(score_window > 0 ? total : 0);
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      float* kp = keys.data_ptr<float>();
+      float* vp = values.data_ptr<float>();
+      if (nv > 0) revive(r, h, records.data(), kp, vp, false);
+      at::parallel_for(0, ne, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          const scalar_t* slot = slot_at(r, h, exact_start(r) + s);
+          for (int64_t d = 0; d < head_size; ++d) {
+            kp[(nv + s) * head_size + d] = static_cast<float>(slot[d]);
+            vp[(nv + s) * head_size + d] = static_cast<float>(slot[head_size + d]);
+          }
+        }
+      });
+      std::fill(received.begin(), received.end(), 0.f);
+      for (int64_t q0 = 0; q0 < n; q0 += kGemmQueries) {
+        const int64_t qn = std::min(kGemmQueries, n - q0), rows = qn * group;
+        const int64_t span = total - n + q0 + qn;  // keys the block's last row sees
+        auto qf = torch::empty({rows, head_size}, f32);
+        float* qp = qf.data_ptr<float>();
+        for (int64_t i = 0; i < qn; ++i)
+          for (int64_t g = 0; g < group; ++g) {
+            const scalar_t* q = q_base + (qsl_p[r] + q0 + i) * q_tok_stride +
+                                (h * group + g) * q_head_stride;
+            for (int64_t d = 0; d < head_size; ++d)
+              qp[(i * group + g) * head_size + d] = static_cast<float>(q[d]) * fscale;
+          }
+        auto probs = at::mm(qf, keys.narrow(0, 0, span).t());
+        float* pp = probs.data_ptr<float>();
+        at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            float* l = pp + row * span;
+            const int64_t vis = total - n + q0 + row / group + 1;
+            float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+            for (int64_t j = 0; j < vis; ++j) m = std::max(m, l[j]);
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < vis; ++j) {
+              l[j] = softmax_exp(l[j] - m);
+              sum += l[j];
+            }
+            const float inv = 1.f / sum;
+#pragma omp simd
+            for (int64_t j = 0; j < vis; ++j) l[j] *= inv;
+            for (int64_t j = vis; j < span; ++j) l[j] = 0.f;
+          }
+        });
+        const auto o = at::mm(probs, values.narrow(0, 0, span));
+        const float* op = o.data_ptr<float>();
+        for (int64_t i = 0; i < qn; ++i)
+          for (int64_t g = 0; g < group; ++g) {
+            scalar_t* dst = out_base + (qsl_p[r] + q0 + i) * o_tok_stride +
+                            (h * group + g) * o_head_stride;
+            for (int64_t d = 0; d < head_size; ++d)
+              dst[d] = static_cast<scalar_t>(op[(i * group + g) * head_size + d]);
+          }
+        for (int64_t i = std::max<int64_t>(0, n - score_window - q0); i < qn; ++i)
+          for (int64_t g = 0; g < group; ++g) {
+            const float* l = pp + (i * group + g) * span;
+#pragma omp simd
+            for (int64_t j = 0; j < span; ++j) received[j] += l[j];
+          }
+      }
+      for (int64_t j = 0; j < static_cast<int64_t>(received.size()); ++j)
+        if (received[j] != 0.f) add_score(r, h, j, received[j]);
+    }
+  }
 
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_rows = kTileRows * group;
@@ -250,16 +333,12 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         }
       }
 
-      // The revived vague tokens: shared by the request's tiles, or revived here.
       const float* vk = vague_kt.data();
       const float* vv = vague_v.data();
-      if (nv > 0 && shared_at[r] >= 0) {
-        vk = &shared_kt[shared_at[r] + h * nv * head_size];
-        vv = &shared_v[shared_at[r] + h * nv * head_size];
-      } else if (nv > 0) {
-        revive(r, h, records.data(), vague_kt.data(), vague_v.data());
+      if (nv > 0) {
+        revive(r, h, records.data(), vague_kt.data(), vague_v.data(), true);
+        tile_logits(qf.data(), rows, head_size, vk, nv, logits.data(), span);
       }
-      if (nv > 0) tile_logits(qf.data(), rows, head_size, vk, nv, logits.data(), span);
 
       // Exact logits, one run of slots within a cache block at a time.
       for (int64_t s = first_exact; s < first_exact + span - nv;) {
@@ -304,12 +383,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
       };
       for (int64_t j = 0; j < nv; ++j) {
         const float received = accumulate(j, &vv[j * head_size]);
-        if (received == 0.f) continue;
-        // The record's score field: 4-byte aligned, so never split across slots.
-        const int64_t at = j * record_bytes + record_bytes - 4;
-        auto* field = reinterpret_cast<float*>(
-            reinterpret_cast<uint8_t*>(slot_ptr(at / slot_bytes)) + at % slot_bytes);
-        std::atomic_ref<float>(*field).fetch_add(received, std::memory_order_relaxed);
+        if (received != 0.f) add_score(r, h, j, received);
       }
       for (int64_t s = first_exact; s < first_exact + span - nv;) {
         const int64_t n = std::min(block_size - s % block_size, first_exact + span - nv - s);
@@ -319,11 +393,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
             block_f[o * head_size + d] = static_cast<float>(blk[o * slot_stride + head_size + d]);
         for (int64_t o = 0; o < n; ++o) {
           const float received = accumulate(nv + s - first_exact + o, &block_f[o * head_size]);
-          if (received != 0.f) {
-            // Other query tiles of this request may add to the same slot.
-            std::atomic_ref<float>(*slot_score(blk + o * slot_stride, head_size))
-                .fetch_add(received, std::memory_order_relaxed);
-          }
+          if (received != 0.f) *slot_score(blk + o * slot_stride, head_size) += received;
         }
         s += n;
       }
