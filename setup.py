@@ -34,6 +34,7 @@ def extensions():
             sources=sources + [
                 "csrc/cuda/attention_kernels.cu", "csrc/cuda/attention_cuda.cpp",
                 "csrc/cuda/vague_store_kernels.cu", "csrc/cuda/vague_store_cuda.cpp",
+                "csrc/cuda/compaction_kernels.cu", "csrc/cuda/compaction_cuda.cpp",
             ],
             extra_compile_args={"cxx": flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=["-fopenmp"],

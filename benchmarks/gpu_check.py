@@ -155,6 +155,47 @@ def check_store_ops(head_size, bits, seed) -> dict:
                 ok=records_ok and revive_ok and add_ok and est_ok and logits_ok)
 
 
+def check_compaction(dtype, head_size, bits, num_vague, num_exact, seed) -> dict:
+    """compact_quantized and compact_slots on CUDA: the cache, byte for byte, equals
+    the reference's on the CPU."""
+    from kvreviver_vllm.stores import QuantizedStore
+
+    gen = torch.Generator().manual_seed(seed)
+    slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
+    store = QuantizedStore(head_size, bits, slot_bytes)
+    pages = store.slots_for(num_vague)
+    cache, table, _, _, _ = make_case(3, 3, head_size, 16, [pages + num_exact], [1], dtype, seed)
+    positions, scores = sketch.slot_meta(cache)
+    blocks, offsets = sketch.physical_slots(table[0], torch.arange(pages + num_exact), 16)
+    positions[blocks, :, offsets] = (torch.arange(pages + num_exact, dtype=torch.int32)
+                                     + num_vague)[:, None]
+    # Few distinct scores, so ties decide what survives.
+    scores[blocks, :, offsets] = torch.randint(0, 4, (pages + num_exact, 3), generator=gen).float()
+    if num_vague:
+        records = [store.encode(torch.randn(num_vague, head_size, generator=gen),
+                                torch.randn(num_vague, head_size, generator=gen),
+                                torch.arange(num_vague), torch.rand(num_vague, generator=gen))
+                   for _ in range(3)]
+        sketch.write_store_pages(cache, table[0], torch.stack([store.to_pages(x) for x in records]))
+    kept = torch.stack([torch.randperm(num_exact, generator=gen)[: num_exact // 3].sort().values
+                        for _ in range(3)])
+    keep_vague = (num_vague + num_exact - kept.shape[1]) // 2
+    want, got = cache.clone(), cache.cuda()
+    sketch.compact_into_store(want, table[0], pages, pages + num_exact, num_vague, kept,
+                              keep_vague, store, 0)
+    torch.ops.kvreviver.compact_quantized(got, table[0].cuda(), pages, pages + num_exact,
+                                          num_vague, kept.cuda(), keep_vague, bits, store.group)
+    quantized_ok = torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+    moved = torch.stack([torch.randperm(pages + num_exact, generator=gen)[:20].sort().values
+                         for _ in range(3)])
+    sketch.compact(want, table[0], moved)
+    torch.ops.kvreviver.compact_slots(got, table[0].cuda(), moved.cuda())
+    slots_ok = torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+    return dict(op="compaction", dtype=str(dtype), head_size=head_size, bits=bits,
+                vague=num_vague, exact=num_exact, compact_quantized=quantized_ok,
+                compact_slots=slots_ok, ok=quantized_ok and slots_ok)
+
+
 def time_decode(batch: int, context: int) -> dict:
     cache, table, lens, qsl, query = make_case(9, 3, 64, 128, [context] * batch, [1] * batch,
                                                torch.bfloat16, 0)
@@ -193,6 +234,12 @@ def main() -> int:
         for bits in (2, 3, 4, 8):
             seed += 1
             checks.append(check_store_ops(head_size, bits, seed))
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_size in (64, 128):
+            for bits in (2, 4):
+                for vague, exact in ((0, 40), (300, 200)):
+                    seed += 1
+                    checks.append(check_compaction(dtype, head_size, bits, vague, exact, seed))
     timings = [time_decode(b, c) for b in (1, 16) for c in (2048, 8192)]
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   passed=sum(c["ok"] for c in checks), failed=sum(not c["ok"] for c in checks),

@@ -22,9 +22,8 @@
 namespace kvreviver {
 namespace {
 
-constexpr int64_t kMetaBytes = 8;  // position int32 + score float32 after K | V
-
-// Byte addressing of one request's slots of one KV head.
+// Byte addressing of one request's slots, per KV head; a slot's score is its
+// last 4 bytes.
 struct RequestSlots {
   uint8_t* cache;
   const int64_t* blocks;
@@ -51,49 +50,6 @@ RequestSlots request_slots(torch::Tensor& kv_cache, const torch::Tensor& blocks)
           kv_cache.size(1) * kv_cache.size(2) * slot_bytes};
 }
 
-void check_cache(const torch::Tensor& kv_cache) {
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
-  TORCH_CHECK((kv_cache.size(3) * kv_cache.element_size() - kMetaBytes) %
-                      (2 * kv_cache.element_size()) == 0,
-              "kv_cache slots must hold K, V and 8 metadata bytes");
-}
-
-// The block row as int64, and the request's slot count it covers.
-torch::Tensor block_row_of(const torch::Tensor& block_row, const torch::Tensor& kv_cache) {
-  TORCH_CHECK(block_row.dim() == 1, "block_row must be one request's [width] block ids");
-  auto row = block_row.to(torch::kInt64).contiguous();
-  if (row.numel() > 0) {
-    const int64_t lo = row.min().item<int64_t>(), hi = row.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < kv_cache.size(0), "block ids must lie in [0, ",
-                kv_cache.size(0), "), got [", lo, ", ", hi, "]");
-  }
-  return row;
-}
-
-// Kept slot indices [Hkv, keep], each row ascending within [0, limit).
-torch::Tensor kept_of(const torch::Tensor& kept, int64_t num_kv_heads, int64_t limit,
-                      const char* what) {
-  TORCH_CHECK(kept.dim() == 2 && kept.size(0) == num_kv_heads,
-              what, " must be [kv_heads=", num_kv_heads, ", keep]");
-  auto k = kept.to(torch::kInt64).contiguous();
-  const int64_t* p = k.data_ptr<int64_t>();
-  for (int64_t h = 0; h < k.size(0); ++h)
-    for (int64_t i = 0; i < k.size(1); ++i) {
-      const int64_t s = p[h * k.size(1) + i];
-      TORCH_CHECK(s >= 0 && s < limit, what, "[", h, ", ", i, "]=", s,
-                  " is out of range [0, ", limit, ")");
-      TORCH_CHECK(i == 0 || s > p[h * k.size(1) + i - 1], what, "[", h,
-                  "] must be strictly ascending");
-    }
-  return k;
-}
-
-template <typename scalar_t>
-inline float* slot_score(uint8_t* slot, int64_t d) {
-  return reinterpret_cast<float*>(slot + 2 * d * sizeof(scalar_t)) + 1;
-}
-
 // Max of scores over the POOL_KERNEL (policy.py) neighbours centred on each
 // record: policy.pooled_scores.
 constexpr int64_t kPoolKernel = 7;
@@ -113,7 +69,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
                               const int64_t* kept, int64_t num_kept, int64_t keep_vague,
                               const RecordLayout& layout) {
   const int64_t num_kv_heads = kv_cache.size(1);
-  const int64_t d = (slots.slot_bytes - kMetaBytes) / (2 * sizeof(scalar_t));
+  const int64_t d = (slots.slot_bytes - kSlotMetaBytes) / (2 * sizeof(scalar_t));
   const int64_t rb = layout.record_bytes(d), cb = layout.code_bytes(d), ng = d / layout.group;
   const int64_t sb = slots.slot_bytes;
   const int64_t num_exact = seq_len - exact_start;
@@ -151,7 +107,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
         quantize(kf.data(), d, layout.bits, layout.group, rec, params, params + 2 * ng);
         quantize(vf.data(), d, layout.bits, layout.group, rec + cb, params + 4 * ng,
                  params + 6 * ng);
-        std::memcpy(rec + rb - kMetaBytes, slot + 2 * d * sizeof(scalar_t), kMetaBytes);
+        std::memcpy(rec + rb - kSlotMetaBytes, slot + 2 * d * sizeof(scalar_t), kSlotMetaBytes);
       }
 
       // Records in position order, ranked by pooled score: the keep_vague best
@@ -160,7 +116,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
       std::iota(order.begin(), order.end(), 0);
       auto position = [&](int64_t i) {
         int32_t p;
-        std::memcpy(&p, &records[i * rb + rb - kMetaBytes], 4);
+        std::memcpy(&p, &records[i * rb + rb - kSlotMetaBytes], 4);
         return p;
       };
       std::sort(order.begin(), order.end(),
@@ -185,7 +141,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
       for (int64_t i = 0; i < num_kept; ++i) {
         uint8_t* dst = slots.slot(h, new_slots + i);
         std::memcpy(dst, &exact[keep[i] * sb], sb);
-        *slot_score<scalar_t>(dst, d) = 0.f;
+        std::memset(dst + sb - 4, 0, 4);  // score
       }
     }
   });
@@ -195,13 +151,13 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
 
 void compact_slots_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
                        const torch::Tensor& kept_slots) {
-  check_cache(kv_cache);
-  const auto row = block_row_of(block_row, kv_cache);
+  check_slot_cache(kv_cache);
+  const auto row = request_block_row(block_row, kv_cache);
   const int64_t capacity = row.numel() * kv_cache.size(2);
-  const auto kept = kept_of(kept_slots, kv_cache.size(1), capacity, "kept_slots");
+  const auto kept = checked_kept(kept_slots, kv_cache.size(1), capacity, "kept_slots",
+                                 kv_cache.device());
   const RequestSlots slots = request_slots(kv_cache, row);
   const int64_t keep = kept.size(1), sb = slots.slot_bytes;
-  const int64_t d = (sb - kMetaBytes) / (2 * kv_cache.element_size());
   const int64_t* kp = kept.data_ptr<int64_t>();
   at::parallel_for(0, kv_cache.size(1), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> buffer(keep * sb);
@@ -212,7 +168,7 @@ void compact_slots_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
       for (int64_t i = 0; i < keep; ++i) {
         uint8_t* dst = slots.slot(h, i);
         std::memcpy(dst, &buffer[i * sb], sb);
-        std::memset(dst + 2 * d * kv_cache.element_size() + 4, 0, 4);  // score
+        std::memset(dst + sb - 4, 0, 4);  // score
       }
     }
   });
@@ -222,27 +178,16 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
                            int64_t exact_start, int64_t seq_len, int64_t num_vague,
                            const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
                            int64_t group) {
-  check_cache(kv_cache);
-  const int64_t sb = kv_cache.size(3) * kv_cache.element_size();
-  const int64_t d = (sb - kMetaBytes) / (2 * kv_cache.element_size());
-  check_store_layout(d, bits, group);
-  const RecordLayout layout{bits, group};
-  const int64_t rb = layout.record_bytes(d);
-  const auto row = block_row_of(block_row, kv_cache);
+  check_slot_cache(kv_cache);
+  const auto row = request_block_row(block_row, kv_cache);
   const int64_t capacity = row.numel() * kv_cache.size(2);
-  TORCH_CHECK(exact_start >= 0 && exact_start <= seq_len && seq_len <= capacity,
-              "need 0 <= exact_start (", exact_start, ") <= seq_len (", seq_len,
-              ") <= the request's ", capacity, " slots");
-  TORCH_CHECK(num_vague >= 0 && num_vague * rb <= exact_start * sb, "num_vague=", num_vague,
-              " records do not fit in the ", exact_start, " store slots");
-  const auto kept = kept_of(kept_exact, kv_cache.size(1), seq_len - exact_start, "kept_exact");
+  const auto kept = checked_kept(kept_exact, kv_cache.size(1),
+                                 std::max<int64_t>(0, seq_len - exact_start), "kept_exact",
+                                 kv_cache.device());
   const int64_t num_kept = kept.size(1);
-  const int64_t available = num_vague + seq_len - exact_start - num_kept;
-  TORCH_CHECK(keep_vague >= 0 && keep_vague <= available, "keep_vague=", keep_vague,
-              " is out of range [0, ", available, "] (old records + demoted tokens)");
-  const int64_t new_slots = (keep_vague * rb + sb - 1) / sb;
-  TORCH_CHECK(new_slots + num_kept <= capacity, "the compacted layout (", new_slots,
-              " store slots + ", num_kept, " exact) exceeds the request's ", capacity, " slots");
+  check_quantized_compaction(kv_cache, capacity, exact_start, seq_len, num_vague, num_kept,
+                             keep_vague, bits, group);
+  const RecordLayout layout{bits, group};
   const RequestSlots slots = request_slots(kv_cache, row);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::BFloat16, at::ScalarType::Half, kv_cache.scalar_type(),

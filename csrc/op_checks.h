@@ -84,4 +84,73 @@ inline torch::Tensor sketch_coefficients(const torch::Tensor& coefficients, int6
   return coefficients.to(device).contiguous();
 }
 
+// -- compaction (compaction_cpu.cpp, cuda/compaction_cuda.cpp) ----------------
+
+constexpr int64_t kSlotMetaBytes = 8;  // position int32 + score float32 after K | V
+
+// A paged cache [blocks, kv_heads, block_size, W] whose slots hold K | V | meta.
+inline void check_slot_cache(const torch::Tensor& kv_cache) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
+  TORCH_CHECK((kv_cache.size(3) * kv_cache.element_size() - kSlotMetaBytes) %
+                      (2 * kv_cache.element_size()) == 0,
+              "kv_cache slots must hold K, V and 8 metadata bytes");
+}
+
+// One request's block row as contiguous int64 on the cache's device.
+inline torch::Tensor request_block_row(const torch::Tensor& block_row,
+                                       const torch::Tensor& kv_cache) {
+  TORCH_CHECK(block_row.dim() == 1, "block_row must be one request's [width] block ids");
+  auto row = block_row.to(kv_cache.device(), torch::kInt64).contiguous();
+  if (row.numel() > 0) {
+    const int64_t lo = row.min().item<int64_t>(), hi = row.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < kv_cache.size(0), "block ids must lie in [0, ",
+                kv_cache.size(0), "), got [", lo, ", ", hi, "]");
+  }
+  return row;
+}
+
+// Kept slot indices [kv_heads, keep], each row strictly ascending within
+// [0, limit); contiguous int64 on `device`.
+inline torch::Tensor checked_kept(const torch::Tensor& kept, int64_t num_kv_heads,
+                                  int64_t limit, const char* what,
+                                  const torch::Device& device) {
+  TORCH_CHECK(kept.dim() == 2 && kept.size(0) == num_kv_heads,
+              what, " must be [kv_heads=", num_kv_heads, ", keep]");
+  const auto k = kept.to(torch::kCPU, torch::kInt64).contiguous();
+  const int64_t* p = k.data_ptr<int64_t>();
+  for (int64_t h = 0; h < k.size(0); ++h)
+    for (int64_t i = 0; i < k.size(1); ++i) {
+      const int64_t s = p[h * k.size(1) + i];
+      TORCH_CHECK(s >= 0 && s < limit, what, "[", h, ", ", i, "]=", s,
+                  " is out of range [0, ", limit, ")");
+      TORCH_CHECK(i == 0 || s > p[h * k.size(1) + i - 1], what, "[", h,
+                  "] must be strictly ascending");
+    }
+  return k.to(device);
+}
+
+// compact_quantized's layout: returns the store slots the kept records take.
+inline int64_t check_quantized_compaction(const torch::Tensor& kv_cache, int64_t capacity,
+                                          int64_t exact_start, int64_t seq_len,
+                                          int64_t num_vague, int64_t num_kept,
+                                          int64_t keep_vague, int64_t bits, int64_t group) {
+  const int64_t sb = kv_cache.size(3) * kv_cache.element_size();
+  const int64_t d = (sb - kSlotMetaBytes) / (2 * kv_cache.element_size());
+  check_store_layout(d, bits, group);
+  const int64_t rb = RecordLayout{bits, group}.record_bytes(d);
+  TORCH_CHECK(exact_start >= 0 && exact_start <= seq_len && seq_len <= capacity,
+              "need 0 <= exact_start (", exact_start, ") <= seq_len (", seq_len,
+              ") <= the request's ", capacity, " slots");
+  TORCH_CHECK(num_vague >= 0 && num_vague * rb <= exact_start * sb, "num_vague=", num_vague,
+              " records do not fit in the ", exact_start, " store slots");
+  const int64_t available = num_vague + seq_len - exact_start - num_kept;
+  TORCH_CHECK(keep_vague >= 0 && keep_vague <= available, "keep_vague=", keep_vague,
+              " is out of range [0, ", available, "] (old records + demoted tokens)");
+  const int64_t new_slots = (keep_vague * rb + sb - 1) / sb;
+  TORCH_CHECK(new_slots + num_kept <= capacity, "the compacted layout (", new_slots,
+              " store slots + ", num_kept, " exact) exceeds the request's ", capacity, " slots");
+  return new_slots;
+}
+
 }  // namespace kvreviver

@@ -60,5 +60,7 @@ def test_cuda_binding_passes_a_syntax_check(source, tmp_path):
 
 
 def test_there_are_cuda_sources():
-    assert [p.name for p in CUDA_SOURCES] == ["attention_kernels.cu", "vague_store_kernels.cu"]
-    assert [p.name for p in CUDA_BINDINGS] == ["attention_cuda.cpp", "vague_store_cuda.cpp"]
+    assert [p.name for p in CUDA_SOURCES] == [
+        "attention_kernels.cu", "compaction_kernels.cu", "vague_store_kernels.cu"]
+    assert [p.name for p in CUDA_BINDINGS] == [
+        "attention_cuda.cpp", "compaction_cuda.cpp", "vague_store_cuda.cpp"]
