@@ -36,8 +36,9 @@ inline float* slot_score(scalar_t* slot, int64_t d) {
   return reinterpret_cast<float*>(slot + 2 * d) + 1;
 }
 
-// Query rows of one request processed together, so each key/value read from the
-// cache is reused by kTileRows x (query heads per KV head) dot products.
+// A request with at most kTileRows query rows (a decode step) is one work item
+// per KV head: each key and value is read once for all its rows and the query
+// heads sharing the KV head. Longer prompt chunks go through GEMMs.
 constexpr int64_t kTileRows = 8;
 
 template <typename scalar_t>
@@ -65,26 +66,6 @@ inline float softmax_exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
-}
-
-// logits[row * span + j] = q_row . k_j for the tile's query rows and n keys
-// given transposed, kt[d * n + j] (float): broadcast-FMA over keys, so no
-// horizontal reductions. The query rows are pre-scaled.
-inline void tile_logits(const float* __restrict__ qf, int64_t rows, int64_t head_size,
-                        const float* __restrict__ kt, int64_t n,
-                        float* __restrict__ logits, int64_t span) {
-  for (int64_t row = 0; row < rows; ++row) {
-    float* __restrict__ l = logits + row * span;
-    const float* q = qf + row * head_size;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) l[j] = 0.f;
-    for (int64_t d = 0; d < head_size; ++d) {
-      const float qd = q[d];
-      const float* __restrict__ k = kt + d * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) l[j] += qd * k[j];
-    }
-  }
 }
 
 // A request's quantized vague store (kvreviver_vllm/stores/quantized.py): its
@@ -162,33 +143,19 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
            (s % block_size) * slot_stride;
   };
   // Copies request r's head-h store slots into `records` (a record may
-  // straddle two slots) and dequantizes its nv records: values row-major into
-  // v, keys row-major into k ([nv, D]) or, `transposed`, as [D, nv] for
-  // tile_logits.
-  auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* k, float* v,
-                    bool transposed) {
-    const int64_t nv = num_vague(r);
+  // straddle two slots) and dequantizes its records: keys and values
+  // row-major ([nv, D]) into k and v.
+  auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* k, float* v) {
     for (int64_t s = 0; s < exact_start(r); ++s)
       std::memcpy(&records[s * slot_bytes], slot_at(r, h, s), slot_bytes);
     const int64_t ng = head_size / store.group;
-    // Transposed keys go row-major into a chunk buffer first, then a chunk at a
-    // time to k, so every store is a run of consecutive floats, not a scatter.
-    constexpr int64_t kChunk = 64;
-    std::vector<float> chunk(transposed ? kChunk * head_size : 0);
-    for (int64_t j0 = 0; j0 < nv; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, nv - j0);
-      float* keys = transposed ? chunk.data() : k + j0 * head_size;
-      for (int64_t o = 0; o < n; ++o) {
-        const uint8_t* rec = &records[(j0 + o) * record_bytes];
-        const uint8_t* params = rec + 2 * code_bytes;
-        dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
-                   keys + o * head_size);
-        dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size, store.bits,
-                   store.group, &v[(j0 + o) * head_size]);
-      }
-      if (transposed)
-        for (int64_t d = 0; d < head_size; ++d)
-          for (int64_t o = 0; o < n; ++o) k[d * nv + j0 + o] = chunk[o * head_size + d];
+    for (int64_t j = 0; j < num_vague(r); ++j) {
+      const uint8_t* rec = &records[j * record_bytes];
+      const uint8_t* params = rec + 2 * code_bytes;
+      dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
+                 k + j * head_size);
+      dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size, store.bits,
+                 store.group, v + j * head_size);
     }
   };
   // Adds `received` (attention from the scoring rows) to the score of request
@@ -222,7 +189,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       float* kp = keys.data_ptr<float>();
       float* vp = values.data_ptr<float>();
-      if (nv > 0) revive(r, h, records.data(), kp, vp, false);
+      if (nv > 0) revive(r, h, records.data(), kp, vp);
       at::parallel_for(0, ne, 64, [&](int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
           const scalar_t* slot = slot_at(r, h, exact_start(r) + s);
@@ -296,10 +263,9 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     std::vector<float> scored(max_rows);  // 1 where the row adds to scores
     std::vector<float> inv_sum(max_rows);
     std::vector<uint8_t> records(max_store_slots * slot_bytes);
-    // Vague keys transposed ([D, nv]) for tile_logits, values row-major.
-    std::vector<float> vague_kt(max_vague * head_size), vague_v(max_vague * head_size);
-    // One cache block of exact keys (transposed) or values, as float.
-    std::vector<float> block_f(block_size * head_size);
+    // Revived vague keys and values, row-major; one exact key or value as float.
+    std::vector<float> vague_k(max_vague * head_size), vague_v(max_vague * head_size);
+    std::vector<float> key_f(head_size);
 
     for (int64_t item = begin; item < end; ++item) {
       const Item& tile = tiles[item / num_kv_heads];
@@ -333,23 +299,28 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         }
       }
 
-      const float* vk = vague_kt.data();
+      // Logits one key at a time: each key converted once, dotted with every row.
+      auto key_logits = [&](int64_t j, const float* k) {
+        for (int64_t row = 0; row < rows; ++row) {
+          const float* q = &qf[row * head_size];
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_size; ++d) dot += q[d] * k[d];
+          logits[row * span + j] = dot;
+        }
+      };
+      const float* vk = vague_k.data();
       const float* vv = vague_v.data();
       if (nv > 0) {
-        revive(r, h, records.data(), vague_kt.data(), vague_v.data(), true);
-        tile_logits(qf.data(), rows, head_size, vk, nv, logits.data(), span);
+        revive(r, h, records.data(), vague_k.data(), vague_v.data());
+        for (int64_t j = 0; j < nv; ++j) key_logits(j, vk + j * head_size);
       }
 
-      // Exact logits, one run of slots within a cache block at a time.
-      for (int64_t s = first_exact; s < first_exact + span - nv;) {
-        const int64_t n = std::min(block_size - s % block_size, first_exact + span - nv - s);
-        const scalar_t* blk = slot_ptr(s);
-        for (int64_t o = 0; o < n; ++o)
-          for (int64_t d = 0; d < head_size; ++d)
-            block_f[d * n + o] = static_cast<float>(blk[o * slot_stride + d]);
-        tile_logits(qf.data(), rows, head_size, block_f.data(), n,
-                    &logits[nv + s - first_exact], span);
-        s += n;
+      for (int64_t s = first_exact; s < first_exact + span - nv; ++s) {
+        const scalar_t* k = slot_ptr(s);
+#pragma omp simd
+        for (int64_t d = 0; d < head_size; ++d) key_f[d] = static_cast<float>(k[d]);
+        key_logits(nv + s - first_exact, key_f.data());
       }
 
       // Softmax per row over its visible keys; weights overwrite logits.
@@ -385,17 +356,12 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         const float received = accumulate(j, &vv[j * head_size]);
         if (received != 0.f) add_score(r, h, j, received);
       }
-      for (int64_t s = first_exact; s < first_exact + span - nv;) {
-        const int64_t n = std::min(block_size - s % block_size, first_exact + span - nv - s);
-        scalar_t* blk = slot_ptr(s);
-        for (int64_t o = 0; o < n; ++o)
-          for (int64_t d = 0; d < head_size; ++d)
-            block_f[o * head_size + d] = static_cast<float>(blk[o * slot_stride + head_size + d]);
-        for (int64_t o = 0; o < n; ++o) {
-          const float received = accumulate(nv + s - first_exact + o, &block_f[o * head_size]);
-          if (received != 0.f) *slot_score(blk + o * slot_stride, head_size) += received;
-        }
-        s += n;
+      for (int64_t s = first_exact; s < first_exact + span - nv; ++s) {
+        scalar_t* slot = slot_ptr(s);
+#pragma omp simd
+        for (int64_t d = 0; d < head_size; ++d) key_f[d] = static_cast<float>(slot[head_size + d]);
+        const float received = accumulate(nv + s - first_exact, key_f.data());
+        if (received != 0.f) *slot_score(slot, head_size) += received;
       }
 
       for (int64_t t = 0; t < tile.rows; ++t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,11 @@ def probe(model_dir: str, backend: str | None, prompt_lens: list[int], max_token
         engine["additional_config"] = {"kvreviver": {"budget": budget, "variant": variant}}
     scenario = dict(model=model_dir, backend=backend, prompt_lens=prompt_lens,
                     max_tokens=max_tokens, engine=engine, dtype=dtype, **extra)
+    # The pool is set in bytes; VLLM_CPU_KVCACHE_SPACE (tests/engine.py sets it for
+    # other tests) would override it.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     res = subprocess.run([sys.executable, str(PROBE), json.dumps(scenario)],
-                         capture_output=True, text=True, timeout=1500)
+                         capture_output=True, text=True, timeout=1500, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
