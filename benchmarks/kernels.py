@@ -167,7 +167,13 @@ def cases(quick: bool) -> list[Case]:
         Case("count_sketch_add", "insert", 1, stored, demoted),
         Case("count_sketch_logits", "revive", 1, stored, NUM_Q_HEADS // NUM_KV_HEADS),
     ]
-    return attention + write + store
+    # Compaction of one request at budget 10% of the longest context: its store
+    # plus sink + recent + a staging room of 256 new tokens, back to the budget.
+    compaction = [
+        Case("compact_quantized", "compact", 1, contexts[-1], 256),
+        Case("compact_slots", "compact", 1, contexts[-1], 256),
+    ]
+    return attention + write + store + compaction
 
 
 def load_vllm_kernels():
@@ -417,6 +423,51 @@ def store_impls(case: Case) -> dict[str, Callable]:
     return {"reference": lambda: reference(*args), "compiled": lambda: compiled(*args)}
 
 
+def compaction_impls(case: Case) -> dict[str, Callable]:
+    """A compaction (``compact_quantized``: exact slots demoted into the 4-bit store;
+    ``compact_slots``: evict's move) compiled and reference, each call on a fresh
+    copy of the request's cache (the copy is timed in both), after checking that
+    both leave the same bytes."""
+    config = KVReviverConfig()
+    gen = torch.Generator().manual_seed(0)
+    store = QuantizedStore(HEAD_SIZE, config.bits, sketch.slot_width(HEAD_SIZE, DTYPE) * 2)
+    budget = math.ceil(REVIVED_BUDGET * case.context)
+    exact = config.sink + config.recent + case.new_tokens
+    pages = budget - config.sink - config.recent
+    num_vague = store.capacity(pages)
+    layout = PagedLayout(replace(case, context=pages + exact), gen)
+    cache = layout.our_cache()
+    key, value = random_kv(len(layout.context_slots), gen)
+    torch.ops.kvreviver.write_kv(cache, key, value, layout.context_slots,
+                                 layout.context_positions + num_vague)
+    _, scores = sketch.slot_meta(cache)
+    scores.copy_(torch.rand(scores.shape, generator=gen))
+    row = layout.block_table[0]
+    records = [store.encode(torch.randn(num_vague, HEAD_SIZE, generator=gen),
+                            torch.randn(num_vague, HEAD_SIZE, generator=gen),
+                            torch.arange(num_vague), torch.rand(num_vague, generator=gen))
+               for _ in range(NUM_KV_HEADS)]
+    sketch.write_store_pages(cache, row, torch.stack([store.to_pages(x) for x in records]))
+    if case.op == "compact_quantized":
+        # Keep sink + recent exact; the store keeps as many records as before.
+        kept = torch.cat([torch.arange(config.sink),
+                          torch.arange(exact - config.recent, exact)]).expand(NUM_KV_HEADS, -1)
+        args = (row, pages, pages + exact, num_vague, kept, num_vague)
+        reference = lambda c: sketch.compact_into_store(c, *args, store, 0)  # noqa: E731
+        compiled = lambda c: torch.ops.kvreviver.compact_quantized(  # noqa: E731
+            c, *args, store.bits, store.group)
+    else:
+        kept = torch.stack([torch.randperm(pages + exact, generator=gen)[:budget].sort().values
+                            for _ in range(NUM_KV_HEADS)])
+        reference = lambda c: sketch.compact(c, row, kept)  # noqa: E731
+        compiled = lambda c: torch.ops.kvreviver.compact_slots(c, row, kept)  # noqa: E731
+    want, got = cache.clone(), cache.clone()
+    reference(want)
+    compiled(got)
+    assert torch.equal(want.view(torch.uint8), got.view(torch.uint8)), f"{case.label}: differ"
+    return {"reference": lambda: reference(cache.clone()), "compiled": lambda: compiled(cache.clone())}
+
+
 def time_round(impls: dict[str, Callable], order: list[str]) -> dict[str, float]:
     """One call of each implementation, in ``order``; seconds per call."""
     seconds = {}
@@ -467,6 +518,8 @@ def run_case(case: Case, settings: Settings, vllm_ops, isa: str, kv_split: bool)
         impls = revived_impls(case, vllm_ops, isa, kv_split)
     elif case.op == "write_kv":
         impls = write_kv_impls(case, vllm_ops, isa)
+    elif case.op.startswith("compact"):
+        impls = compaction_impls(case)
     else:
         impls = store_impls(case)
     return summarize(case, time_interleaved(impls, settings))
