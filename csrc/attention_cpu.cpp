@@ -68,6 +68,16 @@ inline float softmax_exp(float x) {
   return p * scale;
 }
 
+// Per-thread scratch of at least n elements, kept between calls (Tag tells
+// buffers apart): a decode step runs this kernel once per layer, and
+// zero-filling fresh buffers of the store's size cost as much as the work.
+template <typename T, int Tag>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // A request's quantized vague store (kvreviver_vllm/stores/quantized.py): its
 // first exact_start slots of each KV head hold records (quantized_records.h)
 // back to back.
@@ -258,13 +268,14 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     const int64_t max_rows = kTileRows * group;
     std::vector<float> qf(max_rows * head_size);
     std::vector<float> acc(max_rows * head_size);
-    std::vector<float> logits(max_rows * std::max<int64_t>(max_keys, 1));
+    float* logits = scratch<float, 0>(max_rows * std::max<int64_t>(max_keys, 1));
     std::vector<int64_t> visible(max_rows);
     std::vector<float> scored(max_rows);  // 1 where the row adds to scores
     std::vector<float> inv_sum(max_rows);
-    std::vector<uint8_t> records(max_store_slots * slot_bytes);
+    uint8_t* records = scratch<uint8_t, 1>(max_store_slots * slot_bytes);
     // Revived vague keys and values, row-major; one exact key or value as float.
-    std::vector<float> vague_k(max_vague * head_size), vague_v(max_vague * head_size);
+    float* vague_k = scratch<float, 2>(max_vague * head_size);
+    float* vague_v = scratch<float, 3>(max_vague * head_size);
     std::vector<float> key_f(head_size);
 
     for (int64_t item = begin; item < end; ++item) {
@@ -309,10 +320,10 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
           logits[row * span + j] = dot;
         }
       };
-      const float* vk = vague_k.data();
-      const float* vv = vague_v.data();
+      const float* vk = vague_k;
+      const float* vv = vague_v;
       if (nv > 0) {
-        revive(r, h, records.data(), vague_k.data(), vague_v.data());
+        revive(r, h, records, vague_k, vague_v);
         for (int64_t j = 0; j < nv; ++j) key_logits(j, vk + j * head_size);
       }
 
