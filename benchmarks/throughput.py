@@ -63,7 +63,9 @@ class Setup:
     rate: float = 0.5
     poisson_budgets: tuple[float, ...] = (0.1,)
     concurrency: tuple[int, ...] = (1, 16)
-    contexts: tuple[int, ...] = (2048, 8192)
+    contexts: tuple[int, ...] = (2048, 8064)
+    """Prompt lengths without memory pressure; 8064 + decode_tokens fills the default
+    model's 8192 positions."""
     decode_tokens: int = 64
     no_pressure_budget: float = 0.1
     block_size: int = 32
@@ -340,6 +342,7 @@ def main() -> int:
     model_dir = str(prepare_default_model())
     per_token = stock_bytes_per_token(model_dir)
     work = Path(tempfile.mkdtemp(prefix="kvreviver-throughput-"))
+    started = time.perf_counter()
     results: list[Result] = []
 
     # (budget, pool bytes, max model len) -> [(scenario, load, bench args)]: each
@@ -360,7 +363,7 @@ def main() -> int:
                 loads.append(("pressure", "poisson", dict(common, rate=setup.rate)))
     if "no-pressure" in args.scenarios:
         if not setup.shared_servers:
-            max_len = max(setup.contexts) + setup.decode_tokens + 64
+            max_len = max(setup.contexts) + setup.decode_tokens
             pool = 2 * max(setup.concurrency) * max_len * per_token
         for budget in (None, setup.no_pressure_budget):
             if budget is None and args.no_stock:
@@ -386,24 +389,39 @@ def main() -> int:
                       f"{r.peak_running}, {r.output_tok_s:.1f} tok/s, TPOT p50 "
                       f"{r.tpot_median_ms:.0f} ms", flush=True)
                 results.append(r)
+                # Written after every load, so a run that stops keeps what it measured.
+                rows = write_report(results, setup, args, per_token, started, complete=False)
 
-    order = {"pressure": 0, "no-pressure": 1}
-    results.sort(key=lambda r: (order[r.scenario], r.load, r.budget or 0.0))
-    rows = with_ratios(results)
+    rows = write_report(results, setup, args, per_token, started, complete=True)
     print(table(rows))
+    print(f"[throughput] wrote {args.out / report_stem(args)}.{{json,png}} "
+          f"in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def report_stem(args: argparse.Namespace) -> str:
+    return "throughput_quick" if args.quick else "throughput"
+
+
+def write_report(results: list[Result], setup: Setup, args: argparse.Namespace, per_token: int,
+                 started: float, complete: bool) -> list[dict]:
+    """``<stem>.json`` (and, once complete, ``<stem>.png``) from the loads so far."""
+    order = {"pressure": 0, "no-pressure": 1}
+    ordered = sorted(results, key=lambda r: (order[r.scenario], r.load, r.budget or 0.0))
+    rows = with_ratios(ordered)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "throughput_quick" if args.quick else "throughput"
     report = dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), seed=args.seed,
+        complete=complete, seconds=round(time.perf_counter() - started),
         setup=asdict(setup), stock_bytes_per_token=per_token, rows=rows,
         accuracy={cfg: accuracy_note(b) for cfg, b in
                   {r["config"]: r["budget"] for r in rows}.items()},
     )
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plot(rows, args.out / f"{stem}.png")
-    print(f"[throughput] wrote {args.out / stem}.{{json,png}}")
-    return 0
+    (args.out / f"{report_stem(args)}.json").write_text(json.dumps(report, indent=1))
+    if complete:
+        plot(rows, args.out / f"{report_stem(args)}.png")
+    return rows
 
 
 if __name__ == "__main__":
