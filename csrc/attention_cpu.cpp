@@ -68,6 +68,22 @@ inline float softmax_exp(float x) {
   return p * scale;
 }
 
+// Softmax weights of one row in place: exp(x - max) over its `visible` first
+// logits, zero up to `span`; returns their sum (the caller normalizes).
+inline float softmax_row(float* __restrict__ l, int64_t visible, int64_t span) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < visible; ++j) m = std::max(m, l[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < visible; ++j) {
+    l[j] = softmax_exp(l[j] - m);
+    sum += l[j];
+  }
+  for (int64_t j = visible; j < span; ++j) l[j] = 0.f;
+  return sum;
+}
+
 // Per-thread scratch of at least n elements, kept between calls (Tag tells
 // buffers apart): a decode step runs this kernel once per layer, and
 // zero-filling fresh buffers of the store's size cost as much as the work.
@@ -228,19 +244,9 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
           for (int64_t row = begin; row < end; ++row) {
             float* l = pp + row * span;
             const int64_t vis = total - n + q0 + row / group + 1;
-            float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-            for (int64_t j = 0; j < vis; ++j) m = std::max(m, l[j]);
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < vis; ++j) {
-              l[j] = softmax_exp(l[j] - m);
-              sum += l[j];
-            }
-            const float inv = 1.f / sum;
+            const float inv = 1.f / softmax_row(l, vis, span);
 #pragma omp simd
             for (int64_t j = 0; j < vis; ++j) l[j] *= inv;
-            for (int64_t j = vis; j < span; ++j) l[j] = 0.f;
           }
         });
         const auto o = at::mm(probs, values.narrow(0, 0, span));
@@ -335,21 +341,8 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
       }
 
       // Softmax per row over its visible keys; weights overwrite logits.
-      for (int64_t row = 0; row < rows; ++row) {
-        float* l = &logits[row * span];
-        const int64_t vis = visible[row];
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < vis; ++j) m = std::max(m, l[j]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < vis; ++j) {
-          l[j] = softmax_exp(l[j] - m);
-          sum += l[j];
-        }
-        for (int64_t j = vis; j < span; ++j) l[j] = 0.f;
-        inv_sum[row] = 1.f / sum;
-      }
+      for (int64_t row = 0; row < rows; ++row)
+        inv_sum[row] = 1.f / softmax_row(&logits[row * span], visible[row], span);
 
       std::fill(acc.begin(), acc.begin() + rows * head_size, 0.f);
       // Adds key j's weights to the outputs; returns the attention it received
