@@ -12,7 +12,6 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -23,8 +22,6 @@
 
 namespace kvreviver {
 namespace {
-
-constexpr int64_t kMetaBytes = 8;
 
 // Metadata of the slot whose first element is `slot` (head size `d`).
 template <typename scalar_t>
@@ -102,7 +99,6 @@ struct QuantizedRecords {
   const int64_t* num_tokens = nullptr;   // [num_reqs]
   int64_t bits = 0, group = 0;
 
-  int64_t code_bytes(int64_t d) const { return RecordLayout{bits, group}.code_bytes(d); }
   int64_t record_bytes(int64_t d) const { return RecordLayout{bits, group}.record_bytes(d); }
 };
 
@@ -163,7 +159,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   const int64_t block_stride = num_kv_heads * head_stride;
   const float fscale = static_cast<float>(scale);
   const int64_t record_bytes = store.bits ? store.record_bytes(head_size) : 0;
-  const int64_t code_bytes = store.bits ? store.code_bytes(head_size) : 0;
+  const RecordLayout layout{store.bits, store.group};
   auto slot_at = [&](int64_t r, int64_t h, int64_t s) {
     return cache + table_p[r * table_width + s / block_size] * block_stride + h * head_stride +
            (s % block_size) * slot_stride;
@@ -174,15 +170,9 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* k, float* v) {
     for (int64_t s = 0; s < exact_start(r); ++s)
       std::memcpy(&records[s * slot_bytes], slot_at(r, h, s), slot_bytes);
-    const int64_t ng = head_size / store.group;
-    for (int64_t j = 0; j < num_vague(r); ++j) {
-      const uint8_t* rec = &records[j * record_bytes];
-      const uint8_t* params = rec + 2 * code_bytes;
-      dequantize(rec, params, params + 2 * ng, head_size, store.bits, store.group,
-                 k + j * head_size);
-      dequantize(rec + code_bytes, params + 4 * ng, params + 6 * ng, head_size, store.bits,
-                 store.group, v + j * head_size);
-    }
+    for (int64_t j = 0; j < num_vague(r); ++j)
+      decode_record(&records[j * record_bytes], head_size, layout, k + j * head_size,
+                    v + j * head_size);
   };
   // Adds `received` (attention from the scoring rows) to the score of request
   // r's head-h key j: a vague record's score field or an exact slot's.
@@ -197,8 +187,8 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     } else {
       field = slot_score(slot_at(r, h, exact_start(r) + j - nv), head_size);
     }
-    // Several tasks of a step may add to the same key.
-    std::atomic_ref<float>(*field).fetch_add(received, std::memory_order_relaxed);
+    // Each (request, KV head) is one task, so no other thread adds to this key.
+    *field += received;
   };
 
   // Prompt chunks: per (request, KV head) its keys and values as float rows
@@ -390,7 +380,7 @@ void check_attention_args(const torch::Tensor& out, const torch::Tensor& query,
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
   TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
-                  2 * query.size(2) * kv_cache.element_size() + kMetaBytes,
+                  2 * query.size(2) * kv_cache.element_size() + kSlotMetaBytes,
               "kv_cache slots must hold K, V and 8 metadata bytes");
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0,
               "query heads must be a multiple of KV heads");
@@ -465,7 +455,7 @@ void write_kv_cpu(torch::Tensor kv_cache, const torch::Tensor& key,
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(),
               "key and value must both be [tokens, kv_heads, head_size]");
   TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
-                      2 * key.size(2) * kv_cache.element_size() + kMetaBytes &&
+                      2 * key.size(2) * kv_cache.element_size() + kSlotMetaBytes &&
                   kv_cache.size(1) == key.size(1),
               "kv_cache [blocks, kv_heads, block_size, K|V|meta] does not match key");
   TORCH_CHECK(slot_mapping.numel() == key.size(0) && positions.numel() == key.size(0),

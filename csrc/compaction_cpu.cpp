@@ -50,9 +50,8 @@ RequestSlots request_slots(torch::Tensor& kv_cache, const torch::Tensor& blocks)
           kv_cache.size(1) * kv_cache.size(2) * slot_bytes};
 }
 
-// Max of scores over the POOL_KERNEL (policy.py) neighbours centred on each
-// record: policy.pooled_scores.
-constexpr int64_t kPoolKernel = 7;
+// Max of scores over the kPoolKernel neighbours centred on each record:
+// policy.pooled_scores.
 
 std::vector<float> pooled(const std::vector<float>& scores) {
   const int64_t n = static_cast<int64_t>(scores.size()), half = kPoolKernel / 2;
@@ -70,7 +69,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
                               const RecordLayout& layout) {
   const int64_t num_kv_heads = kv_cache.size(1);
   const int64_t d = (slots.slot_bytes - kSlotMetaBytes) / (2 * sizeof(scalar_t));
-  const int64_t rb = layout.record_bytes(d), cb = layout.code_bytes(d), ng = d / layout.group;
+  const int64_t rb = layout.record_bytes(d);
   const int64_t sb = slots.slot_bytes;
   const int64_t num_exact = seq_len - exact_start;
   const int64_t num_demoted = num_exact - num_kept;
@@ -102,12 +101,11 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
           kf[i] = static_cast<float>(kv[i]);
           vf[i] = static_cast<float>(kv[d + i]);
         }
-        uint8_t* rec = &records[n++ * rb];
-        uint8_t* params = rec + layout.params_offset(d);
-        quantize(kf.data(), d, layout.bits, layout.group, rec, params, params + 2 * ng);
-        quantize(vf.data(), d, layout.bits, layout.group, rec + cb, params + 4 * ng,
-                 params + 6 * ng);
-        std::memcpy(rec + rb - kSlotMetaBytes, slot + 2 * d * sizeof(scalar_t), kSlotMetaBytes);
+        int32_t position;
+        float score;
+        std::memcpy(&position, slot + sb - kSlotMetaBytes, 4);
+        std::memcpy(&score, slot + sb - 4, 4);
+        encode_record(kf.data(), vf.data(), position, score, d, layout, &records[n++ * rb]);
       }
 
       // Records in position order, ranked by pooled score: the keep_vague best

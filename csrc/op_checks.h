@@ -87,6 +87,7 @@ inline torch::Tensor sketch_coefficients(const torch::Tensor& coefficients, int6
 // -- compaction (compaction_cpu.cpp, cuda/compaction_cuda.cpp) ----------------
 
 constexpr int64_t kSlotMetaBytes = 8;  // position int32 + score float32 after K | V
+constexpr int64_t kPoolKernel = 7;     // policy.POOL_KERNEL: store records rank by pooled score
 
 // A paged cache [blocks, kv_heads, block_size, W] whose slots hold K | V | meta.
 inline void check_slot_cache(const torch::Tensor& kv_cache) {

@@ -34,33 +34,32 @@ inline void float_to_half(float x, uint8_t* p) {
 }
 
 // Unpacks `d` codes of kBits bits (whole codes per byte) and dequantizes them
-// with per-group (scale, min), writing out[i * stride].
+// with per-group (scale, min) into out[0, d).
 template <int kBits>
 inline void dequantize_aligned(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
-                               int64_t d, int64_t group, float* out, int64_t stride) {
+                               int64_t d, int64_t group, float* out) {
   constexpr int kPerByte = 8 / kBits;
   constexpr uint32_t kMask = (1u << kBits) - 1;
   for (int64_t g = 0; g < d / group; ++g) {
     const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
     const uint8_t* bytes = codes + g * group / kPerByte;
-    float* o = out + g * group * stride;
+    float* o = out + g * group;
     for (int64_t b = 0; b < group / kPerByte; ++b) {
       const uint32_t byte = bytes[b];
       for (int k = 0; k < kPerByte; ++k)
-        o[(b * kPerByte + k) * stride] = static_cast<float>((byte >> (k * kBits)) & kMask) * s + m;
+        o[b * kPerByte + k] = static_cast<float>((byte >> (k * kBits)) & kMask) * s + m;
     }
   }
 }
 
 // Unpacks `d` codes of `bits` bits from a little-endian bit stream and
-// dequantizes them with per-group (scale, min), writing out[i * stride].
+// dequantizes them with per-group (scale, min) into out[0, d).
 inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
-                       int64_t d, int64_t bits, int64_t group, float* out,
-                       int64_t stride = 1) {
+                       int64_t d, int64_t bits, int64_t group, float* out) {
   switch (bits) {  // codes that never straddle a byte: no bit arithmetic per code
-    case 2: return dequantize_aligned<2>(codes, scale, lo, d, group, out, stride);
-    case 4: return dequantize_aligned<4>(codes, scale, lo, d, group, out, stride);
-    case 8: return dequantize_aligned<8>(codes, scale, lo, d, group, out, stride);
+    case 2: return dequantize_aligned<2>(codes, scale, lo, d, group, out);
+    case 4: return dequantize_aligned<4>(codes, scale, lo, d, group, out);
+    case 8: return dequantize_aligned<8>(codes, scale, lo, d, group, out);
     default: break;
   }
   const uint32_t mask = (1u << bits) - 1;
@@ -70,7 +69,7 @@ inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t
       const int64_t bit = i * bits;
       uint32_t word = codes[bit >> 3];
       if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
-      out[i * stride] = static_cast<float>((word >> (bit & 7)) & mask) * s + m;
+      out[i] = static_cast<float>((word >> (bit & 7)) & mask) * s + m;
     }
   }
 }
@@ -99,6 +98,27 @@ inline void quantize(const float* x, int64_t d, int64_t bits, int64_t group, uin
       if (code >> 8) codes[byte + 1] |= static_cast<uint8_t>(code >> 8);
     }
   }
+}
+
+// One whole record: keys and values [d] quantized, then position and score.
+inline void encode_record(const float* k, const float* v, int32_t position, float score,
+                          int64_t d, const RecordLayout& layout, uint8_t* rec) {
+  const int64_t cb = layout.code_bytes(d), ng = d / layout.group;
+  uint8_t* params = rec + layout.params_offset(d);
+  quantize(k, d, layout.bits, layout.group, rec, params, params + 2 * ng);
+  quantize(v, d, layout.bits, layout.group, rec + cb, params + 4 * ng, params + 6 * ng);
+  const int64_t rb = layout.record_bytes(d);
+  std::memcpy(rec + rb - 8, &position, 4);
+  std::memcpy(rec + rb - 4, &score, 4);
+}
+
+// Keys and values [d] of one record, dequantized.
+inline void decode_record(const uint8_t* rec, int64_t d, const RecordLayout& layout, float* k,
+                          float* v) {
+  const int64_t cb = layout.code_bytes(d), ng = d / layout.group;
+  const uint8_t* params = rec + layout.params_offset(d);
+  dequantize(rec, params, params + 2 * ng, d, layout.bits, layout.group, k);
+  dequantize(rec + cb, params + 4 * ng, params + 6 * ng, d, layout.bits, layout.group, v);
 }
 
 }  // namespace kvreviver

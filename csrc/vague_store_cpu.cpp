@@ -38,7 +38,7 @@ torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tenso
   check_record_inputs(keys, values, positions, scores, bits, group);
   const int64_t n = keys.size(0), d = keys.size(1);
   const RecordLayout layout{bits, group};
-  const int64_t rb = layout.record_bytes(d), cb = layout.code_bytes(d), ng = d / group;
+  const int64_t rb = layout.record_bytes(d);
   auto records = torch::empty({n, rb}, torch::kUInt8);
   const auto k = keys.to(torch::kFloat32).contiguous();
   const auto v = values.to(torch::kFloat32).contiguous();
@@ -51,12 +51,7 @@ torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tenso
   uint8_t* out = records.data_ptr<uint8_t>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      uint8_t* rec = out + i * rb;
-      uint8_t* params = rec + layout.params_offset(d);
-      quantize(kp + i * d, d, bits, group, rec, params, params + 2 * ng);
-      quantize(vp + i * d, d, bits, group, rec + cb, params + 4 * ng, params + 6 * ng);
-      std::memcpy(rec + rb - 8, pp + i, 4);
-      std::memcpy(rec + rb - 4, sp + i, 4);
+      encode_record(kp + i * d, vp + i * d, pp[i], sp[i], d, layout, out + i * rb);
     }
   });
   return records;
@@ -67,8 +62,7 @@ std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cpu(const torch::Ten
                                                                 int64_t group) {
   check_records(records, head_size, bits, group);
   const RecordLayout layout{bits, group};
-  const int64_t rb = layout.record_bytes(head_size), cb = layout.code_bytes(head_size);
-  const int64_t ng = head_size / group;
+  const int64_t rb = layout.record_bytes(head_size);
   const auto rec = records.contiguous();
   const int64_t n = rec.size(0);
   auto keys = torch::empty({n, head_size}, torch::kFloat32);
@@ -78,11 +72,7 @@ std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cpu(const torch::Ten
   float* vp = values.data_ptr<float>();
   at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* r = rp + i * rb;
-      const uint8_t* params = r + layout.params_offset(head_size);
-      dequantize(r, params, params + 2 * ng, head_size, bits, group, kp + i * head_size);
-      dequantize(r + cb, params + 4 * ng, params + 6 * ng, head_size, bits, group,
-                 vp + i * head_size);
+      decode_record(rp + i * rb, head_size, layout, kp + i * head_size, vp + i * head_size);
     }
   });
   return {keys, values};

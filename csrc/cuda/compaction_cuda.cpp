@@ -18,8 +18,6 @@
 namespace kvreviver {
 namespace {
 
-constexpr int64_t kPoolKernel = 7;  // policy.POOL_KERNEL
-
 void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
