@@ -317,6 +317,17 @@ def attention_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str,
     return impls
 
 
+def write_random_store(cache: torch.Tensor, block_row: torch.Tensor, store: QuantizedStore,
+                       num_tokens: int, gen: torch.Generator, scores: Callable) -> None:
+    """One request's store pages: ``num_tokens`` records of random K/V per KV head,
+    positions 0.., scores ``scores(num_tokens)``."""
+    records = [store.encode(torch.randn(num_tokens, HEAD_SIZE, generator=gen),
+                            torch.randn(num_tokens, HEAD_SIZE, generator=gen),
+                            torch.arange(num_tokens), scores(num_tokens))
+               for _ in range(NUM_KV_HEADS)]
+    sketch.write_store_pages(cache, block_row, torch.stack([store.to_pages(x) for x in records]))
+
+
 def revived_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str, Callable]:
     """The backend's decode attention at budget ``REVIVED_BUDGET`` (default config: sink +
     recent exact, the rest of the budget a 4-bit store, full) against vLLM's attention over
@@ -334,12 +345,7 @@ def revived_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str, C
     key, value = random_kv(len(ours.context_slots), gen)
     torch.ops.kvreviver.write_kv(cache, key, value, ours.context_slots, ours.context_positions)
     for r in range(case.batch):
-        records = [store.encode(torch.randn(num_vague, HEAD_SIZE, generator=gen),
-                                torch.randn(num_vague, HEAD_SIZE, generator=gen),
-                                torch.arange(num_vague), torch.zeros(num_vague))
-                   for _ in range(NUM_KV_HEADS)]
-        sketch.write_store_pages(cache, ours.block_table[r],
-                                 torch.stack([store.to_pages(x) for x in records]))
+        write_random_store(cache, ours.block_table[r], store, num_vague, gen, torch.zeros)
     query = torch.randn(case.batch, NUM_Q_HEADS, HEAD_SIZE, generator=gen).to(DTYPE)
     starts = torch.full((case.batch,), pages, dtype=torch.int32)
     vague = torch.full((case.batch,), num_vague, dtype=torch.int32)
@@ -443,11 +449,8 @@ def compaction_impls(case: Case) -> dict[str, Callable]:
     _, scores = sketch.slot_meta(cache)
     scores.copy_(torch.rand(scores.shape, generator=gen))
     row = layout.block_table[0]
-    records = [store.encode(torch.randn(num_vague, HEAD_SIZE, generator=gen),
-                            torch.randn(num_vague, HEAD_SIZE, generator=gen),
-                            torch.arange(num_vague), torch.rand(num_vague, generator=gen))
-               for _ in range(NUM_KV_HEADS)]
-    sketch.write_store_pages(cache, row, torch.stack([store.to_pages(x) for x in records]))
+    write_random_store(cache, row, store, num_vague, gen,
+                       lambda n: torch.rand(n, generator=gen))
     if case.op == "compact_quantized":
         # Keep sink + recent exact; the store keeps as many records as before.
         kept = torch.cat([torch.arange(config.sink),

@@ -348,15 +348,14 @@ def main() -> int:
     # (budget, pool bytes, max model len) -> [(scenario, load, bench args)]: each
     # server starts once and runs every load planned for it.
     plan: dict[tuple, list[tuple[str, str, dict]]] = {}
+    stock = () if args.no_stock else (None,)
     if "pressure" in args.scenarios:
         request_tokens = setup.input_len + setup.output_len
         pool = setup.pool_requests * request_tokens * per_token
         max_len = request_tokens + 64
         common = dict(num_prompts=setup.requests, input_len=setup.input_len,
                       output_len=setup.output_len, concurrency=None)
-        for budget in (None, *setup.budgets):
-            if budget is None and args.no_stock:
-                continue
+        for budget in (*stock, *setup.budgets):
             loads = plan.setdefault((budget, pool, max_len), [])
             loads.append(("pressure", "burst", dict(common, rate=None)))
             if budget is None or budget in setup.poisson_budgets:
@@ -365,9 +364,7 @@ def main() -> int:
         if not setup.shared_servers:
             max_len = max(setup.contexts) + setup.decode_tokens
             pool = 2 * max(setup.concurrency) * max_len * per_token
-        for budget in (None, setup.no_pressure_budget):
-            if budget is None and args.no_stock:
-                continue
+        for budget in (*stock, setup.no_pressure_budget):
             loads = plan.setdefault((budget, pool, max_len), [])
             loads += [
                 ("no-pressure", f"c{c}@{n}",
@@ -390,7 +387,7 @@ def main() -> int:
                       f"{r.tpot_median_ms:.0f} ms", flush=True)
                 results.append(r)
                 # Written after every load, so a run that stops keeps what it measured.
-                rows = write_report(results, setup, args, per_token, started, complete=False)
+                write_report(results, setup, args, per_token, started, complete=False)
 
     rows = write_report(results, setup, args, per_token, started, complete=True)
     print(table(rows))
