@@ -15,10 +15,16 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "op_checks.h"
 #include "quantized_records.h"
+#include "scratch.h"
 
 namespace kvreviver {
 namespace {
@@ -37,13 +43,10 @@ inline float* slot_score(scalar_t* slot, int64_t d) {
 // per KV head: each key and value is read once for all its rows and the query
 // heads sharing the KV head. Longer prompt chunks go through GEMMs.
 constexpr int64_t kTileRows = 8;
-
-template <typename scalar_t>
-inline void axpy(float* __restrict__ acc, float p,
-                 const scalar_t* __restrict__ v, int64_t d) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) acc[i] += p * static_cast<float>(v[i]);
-}
+// Keys a decode step's logits and output sums take at a time (dot4).
+constexpr int64_t kKeyBlock = 4;
+// Fewest keys worth a part of their own when a decode item is split.
+constexpr int64_t kMinPartKeys = 128;
 
 // exp(x) for x <= 0 (softmax weights), vectorizable: Cephes' expf (range
 // reduction by ln 2, degree-6 polynomial, exponent bits), ~1 ulp; x below
@@ -66,11 +69,14 @@ inline float softmax_exp(float x) {
 }
 
 // Softmax weights of one row in place: exp(x - max) over its `visible` first
-// logits, zero up to `span`; returns their sum (the caller normalizes).
-inline float softmax_row(float* __restrict__ l, int64_t visible, int64_t span) {
+// logits, zero up to `span`; returns their sum (the caller normalizes) and
+// stores the max (-inf when nothing is visible) in *max_out if given.
+inline float softmax_row(float* __restrict__ l, int64_t visible, int64_t span,
+                         float* max_out = nullptr) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < visible; ++j) m = std::max(m, l[j]);
+  for (int64_t j = 0; j < visible; ++j) m = l[j] > m ? l[j] : m;
+  if (max_out) *max_out = m;
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < visible; ++j) {
@@ -81,14 +87,35 @@ inline float softmax_row(float* __restrict__ l, int64_t visible, int64_t span) {
   return sum;
 }
 
-// Per-thread scratch of at least n elements, kept between calls (Tag tells
-// buffers apart): a decode step runs this kernel once per layer, and
-// zero-filling fresh buffers of the store's size cost as much as the work.
-template <typename T, int Tag>
-T* scratch(size_t n) {
-  thread_local std::vector<T> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
+// Dot products of q with four rows k[0..3], all of length d, into out[0..3].
+// Four independent sums keep the FMA units busy where one dot product's
+// chain would stall them; with AVX2 the four vector sums are reduced together
+// (GCC's `omp simd reduction` spills each one and adds its lanes serially).
+inline void dot4(const float* __restrict__ q, const float* const* k, int64_t d, float* out) {
+#if defined(__AVX2__)
+  if (d % 8 == 0) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < d; i += 8) {
+      const __m256 x = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[0] + i), a0);
+      a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[1] + i), a1);
+      a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[2] + i), a2);
+      a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[3] + i), a3);
+    }
+    // Lane sums of a0..a3: pairwise adds leave [a0 a1 a2 a3] in each half.
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    return;
+  }
+#endif
+  float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+  for (int64_t i = 0; i < d; ++i) {
+    d0 += q[i] * k[0][i];
+    d1 += q[i] * k[1][i];
+    d2 += q[i] * k[2][i];
+    d3 += q[i] * k[3][i];
+  }
+  out[0] = d0, out[1] = d1, out[2] = d2, out[3] = d3;
 }
 
 // A request's quantized vague store (kvreviver_vllm/stores/quantized.py): its
@@ -134,16 +161,14 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     int64_t req, row0, rows;
   };
   std::vector<Item> tiles;
-  int64_t max_keys = 0, max_vague = 0, max_store_slots = 0;
+  int64_t max_keys = 0;
   std::vector<int64_t> prompt_chunks;  // requests with more than one tile of rows
   for (int64_t r = 0; r < num_reqs; ++r) {
-    max_store_slots = std::max(max_store_slots, exact_start(r));
     if (qsl_p[r + 1] - qsl_p[r] > kTileRows) {
       prompt_chunks.push_back(r);
       continue;
     }
     max_keys = std::max(max_keys, num_vague(r) + lens_p[r] - exact_start(r));
-    max_vague = std::max(max_vague, num_vague(r));
     if (qsl_p[r + 1] > qsl_p[r]) tiles.push_back({r, qsl_p[r], qsl_p[r + 1] - qsl_p[r]});
   }
   const int64_t num_items = static_cast<int64_t>(tiles.size()) * num_kv_heads;
@@ -164,15 +189,49 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     return cache + table_p[r * table_width + s / block_size] * block_stride + h * head_stride +
            (s % block_size) * slot_stride;
   };
-  // Copies request r's head-h store slots into `records` (a record may
-  // straddle two slots) and dequantizes its records: keys and values
-  // row-major ([nv, D]) into k and v.
+  // Request r's head-h records dequantized: keys and values row-major ([nv, D]),
+  // their bytes first copied back to back into `records` (a record may
+  // straddle two slots, and two blocks).
   auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* k, float* v) {
     for (int64_t s = 0; s < exact_start(r); ++s)
       std::memcpy(&records[s * slot_bytes], slot_at(r, h, s), slot_bytes);
     for (int64_t j = 0; j < num_vague(r); ++j)
       decode_record(&records[j * record_bytes], head_size, layout, k + j * head_size,
                     v + j * head_size);
+  };
+  // Request r's head-h vague records in order from record `first`, read in
+  // place: a head's slots are contiguous within a block, so only a record
+  // straddling two blocks is gathered (into `spill`). No division per record.
+  struct RecordCursor {
+    uint8_t* head;  // the cache's bytes, offset to this KV head
+    const int64_t* blocks;
+    int64_t block_stride, block_bytes, record_bytes;
+    int64_t b, off;  // the current record: its block (in the request's row), byte offset there
+
+    uint8_t* at(int64_t blk, int64_t o) const { return head + blocks[blk] * block_stride + o; }
+    const uint8_t* get(uint8_t* spill) const {
+      if (off + record_bytes <= block_bytes) return at(b, off);
+      const int64_t first = block_bytes - off;
+      std::memcpy(spill, at(b, off), first);
+      std::memcpy(spill + first, at(b + 1, 0), record_bytes - first);
+      return spill;
+    }
+    // The score field: 4-byte aligned, so it never straddles two blocks.
+    float* score() const {
+      const int64_t o = off + record_bytes - 4;
+      return reinterpret_cast<float*>(o < block_bytes ? at(b, o) : at(b + 1, o - block_bytes));
+    }
+    void next() {
+      off += record_bytes;
+      if (off >= block_bytes) off -= block_bytes, ++b;
+    }
+  };
+  const int64_t elem = kv_cache.element_size();
+  auto records_from = [&](int64_t r, int64_t h, int64_t first) {
+    const int64_t block_bytes = block_size * slot_bytes, pos = first * record_bytes;
+    return RecordCursor{reinterpret_cast<uint8_t*>(cache) + h * head_stride * elem,
+                        table_p + r * table_width, block_stride * elem, block_bytes,
+                        record_bytes, pos / block_bytes, pos % block_bytes};
   };
   // Adds `received` (attention from the scoring rows) to the score of request
   // r's head-h key j: a vague record's score field or an exact slot's.
@@ -260,112 +319,217 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     }
   }
 
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
-    const int64_t max_rows = kTileRows * group;
+  // Decode units: (tile, KV head, part of its keys). Where a batch has fewer
+  // (tile, KV head) items than twice the threads (batch 1: a few KV heads), each
+  // item's keys are split into parts so that every thread works. A part keeps
+  // its rows' softmax max, sum and output sums; a second pass merges them.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts =
+      num_items > 0 && num_items < 2 * threads
+          ? std::clamp<int64_t>(max_keys / kMinPartKeys, 1, (2 * threads + num_items - 1) / num_items)
+          : 1;
+  const int64_t num_units = num_items * parts;
+  const int64_t max_rows = kTileRows * group;
+  const int64_t max_stride = max_keys + kKeyBlock - 1;  // a logits row, room for a block's tail
+  // Split items only: logits per item (read again by the merge), and per unit
+  // its rows' max, sum and output sums.
+  float* split_logits = parts > 1 ? scratch<float, 4>(num_items * max_rows * max_stride) : nullptr;
+  std::vector<float> part_max(parts > 1 ? num_units * max_rows : 0);
+  std::vector<float> part_sum(part_max.size());
+  std::vector<float> part_acc(part_max.size() * head_size);
+
+  // The geometry of item `item`: its rows' visible key counts and score flags
+  // (and scaled queries into qf if given); returns the keys any row sees.
+  auto item_rows = [&](int64_t item, int64_t* visible, float* scored, float* qf) {
+    const Item& tile = tiles[item / num_kv_heads];
+    const int64_t h = item % num_kv_heads, r = tile.req, nv = num_vague(r);
+    const int64_t num_queries = qsl_p[r + 1] - qsl_p[r];
+    int64_t span = nv;
+    for (int64_t t = 0; t < tile.rows; ++t) {
+      const int64_t i = tile.row0 + t - qsl_p[r];
+      const int64_t vis = nv + lens_p[r] - exact_start(r) - num_queries + i + 1;
+      span = std::max(span, vis);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t row = t * group + g;
+        visible[row] = vis;
+        scored[row] = i >= num_queries - score_window ? 1.f : 0.f;
+        if (!qf) continue;
+        const scalar_t* q = q_base + (tile.row0 + t) * q_tok_stride + (h * group + g) * q_head_stride;
+        for (int64_t d = 0; d < head_size; ++d)
+          qf[row * head_size + d] = static_cast<float>(q[d]) * fscale;
+      }
+    }
+    return span;
+  };
+  // Part p's keys [k0, k1) of `span`; parts start on whole key blocks.
+  auto part_keys = [&](int64_t p, int64_t span) {
+    auto start = [&](int64_t q) { return q == parts ? span : q * span / parts / kKeyBlock * kKeyBlock; };
+    return std::pair<int64_t, int64_t>{start(p), start(p + 1)};
+  };
+  // Adds the attention each key of [k0, k1) received from the scoring rows
+  // (weights logits * factor[row]) to its score.
+  auto add_scores = [&](int64_t item, const float* logits, int64_t stride, int64_t rows,
+                        const float* factor, int64_t k0, int64_t k1) {
+    const int64_t h = item % num_kv_heads, r = tiles[item / num_kv_heads].req, nv = num_vague(r);
+    bool scoring = false;
+    for (int64_t row = 0; row < rows; ++row) scoring |= factor[row] != 0.f;
+    if (!scoring) return;
+    auto record = records_from(r, h, std::min(k0, nv));
+    for (int64_t j = k0; j < k1; ++j) {
+      float received = 0.f;
+      for (int64_t row = 0; row < rows; ++row) received += logits[row * stride + j] * factor[row];
+      if (j < nv) {
+        *record.score() += received;
+        record.next();
+      } else {
+        *slot_score(slot_at(r, h, exact_start(r) + j - nv), head_size) += received;
+      }
+    }
+  };
+  auto write_out = [&](int64_t item, int64_t row, const float* acc, float inv_sum) {
+    const Item& tile = tiles[item / num_kv_heads];
+    const int64_t h = item % num_kv_heads, t = row / group, g = row % group;
+    scalar_t* o = out_base + (tile.row0 + t) * o_tok_stride + (h * group + g) * o_head_stride;
+    for (int64_t d = 0; d < head_size; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv_sum);
+  };
+
+  at::parallel_for(0, num_units, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(max_rows * head_size);
     std::vector<float> acc(max_rows * head_size);
-    float* logits = scratch<float, 0>(max_rows * std::max<int64_t>(max_keys, 1));
+    float* own_logits = parts > 1 ? nullptr : scratch<float, 0>(max_rows * max_stride);
     std::vector<int64_t> visible(max_rows);
     std::vector<float> scored(max_rows);  // 1 where the row adds to scores
-    std::vector<float> inv_sum(max_rows);
-    uint8_t* records = scratch<uint8_t, 1>(max_store_slots * slot_bytes);
-    // Revived vague keys and values, row-major; one exact key or value as float.
-    float* vague_k = scratch<float, 2>(max_vague * head_size);
-    float* vague_v = scratch<float, 3>(max_vague * head_size);
-    std::vector<float> key_f(head_size);
+    std::vector<float> row_sum(max_rows), row_max(max_rows), factor(max_rows);
+    std::vector<uint8_t> spill(record_bytes);  // a record straddling two blocks
+    // A block of keys or values as float rows: revived straight before use,
+    // so the store's float copy never leaves L1.
+    std::vector<float> key_f(kKeyBlock * head_size);
 
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t item = unit / parts, part = unit % parts;
       const Item& tile = tiles[item / num_kv_heads];
       const int64_t h = item % num_kv_heads;
       const int64_t r = tile.req;
-      const int64_t seq_len = lens_p[r];
       const int64_t first_exact = exact_start(r);
       const int64_t nv = num_vague(r);
-      const int64_t num_queries = qsl_p[r + 1] - qsl_p[r];
       const int64_t rows = tile.rows * group;  // (query row, head) pairs
-      const int64_t* blocks = table_p + r * table_width;
-      auto slot_ptr = [&](int64_t s) {
-        return cache + blocks[s / block_size] * block_stride + h * head_stride +
-               (s % block_size) * slot_stride;
-      };
+      const int64_t span = item_rows(item, visible.data(), scored.data(), qf.data());
+      const int64_t stride = span + kKeyBlock - 1;
+      float* logits = parts > 1 ? split_logits + item * max_rows * max_stride : own_logits;
+      const auto [ka, kb] = part_keys(part, span);  // the unit's keys
 
-      int64_t span = nv;  // keys (vague, then exact) any row of the tile sees
-      for (int64_t t = 0; t < tile.rows; ++t) {
-        const int64_t i = tile.row0 + t - qsl_p[r];
-        const int64_t vis = nv + seq_len - first_exact - num_queries + i + 1;
-        span = std::max(span, vis);
-        const float in_window = i >= num_queries - score_window ? 1.f : 0.f;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t row = t * group + g;
-          visible[row] = vis;
-          scored[row] = in_window;
-          const scalar_t* q = q_base + (tile.row0 + t) * q_tok_stride +
-                              (h * group + g) * q_head_stride;
-          for (int64_t d = 0; d < head_size; ++d)
-            qf[row * head_size + d] = static_cast<float>(q[d]) * fscale;
-        }
-      }
-
-      // Logits one key at a time: each key converted once, dotted with every row.
-      auto key_logits = [&](int64_t j, const float* k) {
+      // Keys and values go kKeyBlock at a time (float rows; a short block
+      // repeats its last row; see dot4).
+      auto block_logits = [&](int64_t j0, int64_t n, const float* const* k) {
+        float dots[kKeyBlock];
         for (int64_t row = 0; row < rows; ++row) {
-          const float* q = &qf[row * head_size];
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_size; ++d) dot += q[d] * k[d];
-          logits[row * span + j] = dot;
+          dot4(&qf[row * head_size], k, head_size, dots);
+          std::copy_n(dots, n, &logits[row * stride + j0]);
         }
       };
-      const float* vk = vague_k;
-      const float* vv = vague_v;
-      if (nv > 0) {
-        revive(r, h, records, vague_k, vague_v);
-        for (int64_t j = 0; j < nv; ++j) key_logits(j, vk + j * head_size);
-      }
-
-      for (int64_t s = first_exact; s < first_exact + span - nv; ++s) {
-        const scalar_t* k = slot_ptr(s);
+      // Adds the weighted values of keys [j0, j0 + n) to every row's output.
+      auto block_accumulate = [&](int64_t j0, int64_t n, const float* const* v) {
+        const float *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+        for (int64_t row = 0; row < rows; ++row) {
+          const float* l = &logits[row * stride + j0];  // weights, zero past the visible keys
+          const float p0 = l[0], p1 = n > 1 ? l[1] : 0.f, p2 = n > 2 ? l[2] : 0.f,
+                      p3 = n > 3 ? l[3] : 0.f;
+          float* a = &acc[row * head_size];
 #pragma omp simd
-        for (int64_t d = 0; d < head_size; ++d) key_f[d] = static_cast<float>(k[d]);
-        key_logits(nv + s - first_exact, key_f.data());
+          for (int64_t d = 0; d < head_size; ++d)
+            a[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
+        }
+      };
+      const float* ptrs[kKeyBlock];
+      auto point_rows = [&](int64_t n) {  // ptrs at key_f's first n rows
+        for (int64_t i = 0; i < kKeyBlock; ++i)
+          ptrs[i] = key_f.data() + std::min(i, n - 1) * head_size;
+      };
+      // Keys (or values) [j0, j0 + n), all vague (the next ones of `record`)
+      // or all exact, as float rows.
+      auto key_rows = [&](int64_t j0, int64_t n, bool values, RecordCursor& record) {
+        for (int64_t i = 0; i < n; ++i) {
+          float* x = &key_f[i * head_size];
+          if (j0 < nv) {
+            const uint8_t* rec = record.get(spill.data());
+            if (values) decode_values(rec, head_size, layout, x);
+            else decode_keys(rec, head_size, layout, x);
+            record.next();
+          } else {
+            const scalar_t* slot = slot_at(r, h, first_exact + j0 + i - nv) + (values ? head_size : 0);
+#pragma omp simd
+            for (int64_t d = 0; d < head_size; ++d) x[d] = static_cast<float>(slot[d]);
+          }
+        }
+        point_rows(n);
+      };
+      // The part's vague keys, then its exact keys, kKeyBlock at a time.
+      auto for_blocks = [&](auto&& body) {
+        for (const auto& [a, b] : {std::pair{ka, std::min(kb, nv)}, std::pair{std::max(ka, nv), kb}})
+          for (int64_t j = a; j < b; j += kKeyBlock) body(j, std::min(kKeyBlock, b - j));
+      };
+
+      auto keys = records_from(r, h, std::min(ka, nv));
+      for_blocks([&](int64_t j, int64_t n) {
+        key_rows(j, n, false, keys);
+        block_logits(j, n, ptrs);
+      });
+      // Softmax per row over the part's visible keys; weights overwrite logits.
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t vis = std::clamp<int64_t>(visible[row] - ka, 0, kb - ka);
+        row_sum[row] = softmax_row(&logits[row * stride + ka], vis, kb - ka, &row_max[row]);
       }
-
-      // Softmax per row over its visible keys; weights overwrite logits.
-      for (int64_t row = 0; row < rows; ++row)
-        inv_sum[row] = 1.f / softmax_row(&logits[row * span], visible[row], span);
-
       std::fill(acc.begin(), acc.begin() + rows * head_size, 0.f);
-      // Adds key j's weights to the outputs; returns the attention it received
-      // from the scoring rows.
-      auto accumulate = [&](int64_t j, const float* v) {
-        float received = 0.f;
-        for (int64_t row = 0; row < rows; ++row) {
-          const float p = logits[row * span + j];
-          if (p != 0.f) axpy(&acc[row * head_size], p, v, head_size);
-          received += p * inv_sum[row] * scored[row];
-        }
-        return received;
-      };
-      for (int64_t j = 0; j < nv; ++j) {
-        const float received = accumulate(j, &vv[j * head_size]);
-        if (received != 0.f) add_score(r, h, j, received);
-      }
-      for (int64_t s = first_exact; s < first_exact + span - nv; ++s) {
-        scalar_t* slot = slot_ptr(s);
-#pragma omp simd
-        for (int64_t d = 0; d < head_size; ++d) key_f[d] = static_cast<float>(slot[head_size + d]);
-        const float received = accumulate(nv + s - first_exact, key_f.data());
-        if (received != 0.f) *slot_score(slot, head_size) += received;
-      }
+      auto values = records_from(r, h, std::min(ka, nv));
+      for_blocks([&](int64_t j, int64_t n) {
+        key_rows(j, n, true, values);
+        block_accumulate(j, n, ptrs);
+      });
 
-      for (int64_t t = 0; t < tile.rows; ++t)
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t row = t * group + g;
-          scalar_t* o = out_base + (tile.row0 + t) * o_tok_stride +
-                        (h * group + g) * o_head_stride;
-          for (int64_t d = 0; d < head_size; ++d)
-            o[d] = static_cast<scalar_t>(acc[row * head_size + d] * inv_sum[row]);
+      if (parts == 1) {  // the whole item: normalize, write, score
+        for (int64_t row = 0; row < rows; ++row) {
+          write_out(item, row, &acc[row * head_size], 1.f / row_sum[row]);
+          factor[row] = scored[row] / row_sum[row];
         }
+        add_scores(item, logits, stride, rows, factor.data(), 0, span);
+        continue;
+      }
+      for (int64_t row = 0; row < rows; ++row) {
+        part_max[unit * max_rows + row] = row_max[row];
+        part_sum[unit * max_rows + row] = row_sum[row];
+      }
+      std::copy_n(acc.begin(), rows * head_size, &part_acc[unit * max_rows * head_size]);
+    }
+  });
+  if (parts == 1) return;
+
+  // Merge of split items: each unit rescales its part's weights to the item's
+  // softmax for the scores, and each item's first unit writes the output.
+  at::parallel_for(0, num_units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> visible(max_rows);
+    std::vector<float> scored(max_rows), factor(max_rows), acc(head_size);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t item = unit / parts, part = unit % parts, first = item * parts;
+      const int64_t rows = tiles[item / num_kv_heads].rows * group;
+      const int64_t span = item_rows(item, visible.data(), scored.data(), nullptr);
+      for (int64_t row = 0; row < rows; ++row) {
+        float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t u = first; u < first + parts; ++u) m = std::max(m, part_max[u * max_rows + row]);
+        for (int64_t u = first; u < first + parts; ++u)
+          sum += part_sum[u * max_rows + row] * std::exp(part_max[u * max_rows + row] - m);
+        factor[row] = scored[row] * std::exp(part_max[unit * max_rows + row] - m) / sum;
+        if (part != 0) continue;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t u = first; u < first + parts; ++u) {
+          const float w = std::exp(part_max[u * max_rows + row] - m);
+          const float* a = &part_acc[(u * max_rows + row) * head_size];
+          for (int64_t d = 0; d < head_size; ++d) acc[d] += w * a[d];
+        }
+        write_out(item, row, acc.data(), 1.f / sum);
+      }
+      const auto [ka, kb] = part_keys(part, span);
+      add_scores(item, split_logits + item * max_rows * max_stride, span + kKeyBlock - 1, rows,
+                 factor.data(), ka, kb);
     }
   });
 }

@@ -158,17 +158,15 @@ void compact_slots_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
   const int64_t keep = kept.size(1), sb = slots.slot_bytes;
   const int64_t* kp = kept.data_ptr<int64_t>();
   at::parallel_for(0, kv_cache.size(1), 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> buffer(keep * sb);
-    for (int64_t h = begin; h < end; ++h) {
-      // A copy first: a kept slot may be overwritten before it is read.
-      for (int64_t i = 0; i < keep; ++i)
-        std::memcpy(&buffer[i * sb], slots.slot(h, kp[h * keep + i]), sb);
+    for (int64_t h = begin; h < end; ++h)
+      // In place, in ascending order: kept slots ascend, so kept[i] >= i, and
+      // slot i is the source only of moves j <= i, all done before it is written.
       for (int64_t i = 0; i < keep; ++i) {
         uint8_t* dst = slots.slot(h, i);
-        std::memcpy(dst, &buffer[i * sb], sb);
+        const int64_t src = kp[h * keep + i];
+        if (src != i) std::memcpy(dst, slots.slot(h, src), sb);
         std::memset(dst + sb - 4, 0, 4);  // score
       }
-    }
   });
 }
 

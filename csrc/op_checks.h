@@ -4,7 +4,9 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "quantized_records.h"
 
@@ -62,13 +64,29 @@ inline void check_sketch_add(const torch::Tensor& bucket_keys, const torch::Tens
 }
 
 // Token positions as contiguous int64 on `device`, each in [0, 2**31 - 1).
+// Smallest and largest element of a non-empty int64 tensor. On the CPU a loop
+// over its data: two ATen reductions with their dispatch cost more than a
+// decode-sized op itself.
+inline std::pair<int64_t, int64_t> min_max(const torch::Tensor& x) {
+  if (!x.device().is_cpu() || !x.is_contiguous())
+    return {x.min().item<int64_t>(), x.max().item<int64_t>()};
+  const int64_t* p = x.data_ptr<int64_t>();
+  const auto [mn, mx] = std::minmax_element(p, p + x.numel());
+  return {*mn, *mx};
+}
+
+// Whether every element of a non-empty int64 tensor lies in [lo, hi).
+inline bool in_range(const torch::Tensor& x, int64_t lo, int64_t hi) {
+  const auto [mn, mx] = min_max(x);
+  return mn >= lo && mx < hi;
+}
+
 inline torch::Tensor sketch_positions(const torch::Tensor& positions, int64_t n,
                                       const torch::Device& device) {
   TORCH_CHECK(positions.dim() == 1 && positions.size(0) == n, "positions must be [", n, "]");
   auto p = positions.to(device, torch::kInt64).contiguous();
   if (n > 0)
-    TORCH_CHECK(p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kSketchPrime,
-                "positions must lie in [0, 2**31 - 1)");
+    TORCH_CHECK(in_range(p, 0, kSketchPrime), "positions must lie in [0, 2**31 - 1)");
   return p;
 }
 
@@ -78,8 +96,7 @@ inline torch::Tensor sketch_coefficients(const torch::Tensor& coefficients, int6
   TORCH_CHECK(coefficients.scalar_type() == torch::kInt64 && coefficients.dim() == 2 &&
                   coefficients.size(0) == rows && coefficients.size(1) == 4,
               "coefficients must be a contiguous int64 [rows=", rows, ", 4]");
-  TORCH_CHECK(coefficients.min().item<int64_t>() > 0 &&
-                  coefficients.max().item<int64_t>() < kSketchPrime,
+  TORCH_CHECK(in_range(coefficients, 1, kSketchPrime),
               "hash coefficients must lie in [1, 2**31 - 1)");
   return coefficients.to(device).contiguous();
 }
@@ -104,7 +121,7 @@ inline torch::Tensor request_block_row(const torch::Tensor& block_row,
   TORCH_CHECK(block_row.dim() == 1, "block_row must be one request's [width] block ids");
   auto row = block_row.to(kv_cache.device(), torch::kInt64).contiguous();
   if (row.numel() > 0) {
-    const int64_t lo = row.min().item<int64_t>(), hi = row.max().item<int64_t>();
+    const auto [lo, hi] = min_max(row);
     TORCH_CHECK(lo >= 0 && hi < kv_cache.size(0), "block ids must lie in [0, ",
                 kv_cache.size(0), "), got [", lo, ", ", hi, "]");
   }

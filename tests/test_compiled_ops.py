@@ -108,7 +108,33 @@ def test_paged_attention_quantized_matches_reference(
     exact = data.draw(st.lists(st.integers(1, 200), min_size=num_reqs, max_size=num_reqs))
     q_lens = [data.draw(st.integers(1, min(n, 20))) for n in exact]
     score_window = data.draw(st.sampled_from([0, 1, 4, 32]))
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, head_size,
+                              block_size, dtype, score_window,
+                              seed=data.draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("num_kv_heads", [1, 3])
+def test_quantized_decode_split_across_threads_matches_reference(threads, num_kv_heads):
+    """Batch-1 decode with fewer KV heads than twice the threads splits each head's
+    keys into parts merged afterwards: outputs and scores still match."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_quantized_attention([700], [90], [1], 4, 3, num_kv_heads, 64, 16,
+                                  torch.bfloat16, score_window=32, seed=threads)
+        check_quantized_attention([301, 0], [200, 150], [1, 3], 3, 3, num_kv_heads, 64, 32,
+                                  torch.float32, score_window=4, seed=threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, head_size,
+                              block_size, dtype, score_window, seed):
+    """The compiled quantized attention against the reference: outputs, exact-slot
+    scores and record scores, for requests with ``vague`` records, ``exact`` slots
+    and ``q_lens`` new tokens."""
+    gen = torch.Generator().manual_seed(seed)
     slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
     store = QuantizedStore(head_size, bits, slot_bytes)
     pages = [store.slots_for(n) for n in vague]
