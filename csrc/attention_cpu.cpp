@@ -124,9 +124,7 @@ inline void dot4(const float* __restrict__ q, const float* const* k, int64_t d, 
 struct QuantizedRecords {
   const int64_t* exact_start = nullptr;  // [num_reqs]; null: no vague tokens
   const int64_t* num_tokens = nullptr;   // [num_reqs]
-  int64_t bits = 0, group = 0;
-
-  int64_t record_bytes(int64_t d) const { return RecordLayout{bits, group}.record_bytes(d); }
+  RecordLayout layout;                   // bits 0: no store
 };
 
 // Causal attention of each request's query rows over [its revived vague tokens |
@@ -183,8 +181,8 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
   const int64_t head_stride = block_size * slot_stride;
   const int64_t block_stride = num_kv_heads * head_stride;
   const float fscale = static_cast<float>(scale);
-  const int64_t record_bytes = store.bits ? store.record_bytes(head_size) : 0;
-  const RecordLayout layout{store.bits, store.group};
+  const RecordLayout& layout = store.layout;
+  const int64_t record_bytes = layout.bits ? layout.record_bytes(head_size) : 0;
   auto slot_at = [&](int64_t r, int64_t h, int64_t s) {
     return cache + table_p[r * table_width + s / block_size] * block_stride + h * head_stride +
            (s % block_size) * slot_stride;
@@ -541,11 +539,7 @@ void check_attention_args(const torch::Tensor& out, const torch::Tensor& query,
                           const torch::Tensor& query_start_loc) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
               "query and out must both be [tokens, heads, head_size]");
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
-  TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
-                  2 * query.size(2) * kv_cache.element_size() + kSlotMetaBytes,
-              "kv_cache slots must hold K, V and 8 metadata bytes");
+  check_slot_cache(kv_cache, query.size(2));
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0,
               "query heads must be a multiple of KV heads");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1,
@@ -592,14 +586,15 @@ void paged_attention_quantized_cpu(
               "exact_start and vague_tokens need one entry per request");
   const auto starts = exact_start.to(torch::kInt64).contiguous();
   const auto counts = vague_tokens.to(torch::kInt64).contiguous();
-  QuantizedRecords store{starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), bits, group};
+  QuantizedRecords store{starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), {bits, group}};
   const int64_t slot_bytes = kv_cache.size(3) * kv_cache.element_size();
-  TORCH_CHECK(store.record_bytes(d) % 4 == 0 && slot_bytes % 4 == 0,
+  const int64_t record_bytes = store.layout.record_bytes(d);
+  TORCH_CHECK(record_bytes % 4 == 0 && slot_bytes % 4 == 0,
               "records and slots must be whole 4-byte words");
   const int64_t* s = store.exact_start;
   const int64_t* n = store.num_tokens;
   for (int64_t r = 0; r < seq_lens.numel(); ++r)
-    TORCH_CHECK(n[r] * store.record_bytes(d) <= s[r] * slot_bytes,
+    TORCH_CHECK(n[r] * record_bytes <= s[r] * slot_bytes,
                 "request ", r, ": ", n[r], " vague tokens do not fit in its ", s[r],
                 " store slots");
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -614,14 +609,11 @@ void paged_attention_quantized_cpu(
 void write_kv_cpu(torch::Tensor kv_cache, const torch::Tensor& key,
                   const torch::Tensor& value, const torch::Tensor& slot_mapping,
                   const torch::Tensor& positions) {
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(),
               "key and value must both be [tokens, kv_heads, head_size]");
-  TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
-                      2 * key.size(2) * kv_cache.element_size() + kSlotMetaBytes &&
-                  kv_cache.size(1) == key.size(1),
-              "kv_cache [blocks, kv_heads, block_size, K|V|meta] does not match key");
+  check_slot_cache(kv_cache, key.size(2));
+  TORCH_CHECK(kv_cache.size(1) == key.size(1), "kv_cache has ", kv_cache.size(1),
+              " KV heads, key has ", key.size(1));
   TORCH_CHECK(slot_mapping.numel() == key.size(0) && positions.numel() == key.size(0),
               "one slot and one position per token");
   const auto slots = slot_mapping.to(torch::kInt64).contiguous();

@@ -101,7 +101,7 @@ inline torch::Tensor sketch_coefficients(const torch::Tensor& coefficients, int6
   return coefficients.to(device).contiguous();
 }
 
-// -- compaction (compaction_cpu.cpp, cuda/compaction_cuda.cpp) ----------------
+// -- paged cache and compaction ------------------------------------------------
 
 constexpr int64_t kSlotMetaBytes = 8;  // position int32 + score float32 after K | V
 constexpr int64_t kPoolKernel = 7;     // policy.POOL_KERNEL: store records rank by pooled score
@@ -113,6 +113,15 @@ inline void check_slot_cache(const torch::Tensor& kv_cache) {
   TORCH_CHECK((kv_cache.size(3) * kv_cache.element_size() - kSlotMetaBytes) %
                       (2 * kv_cache.element_size()) == 0,
               "kv_cache slots must hold K, V and 8 metadata bytes");
+}
+
+// The same, with K and V of `head_size` each.
+inline void check_slot_cache(const torch::Tensor& kv_cache, int64_t head_size) {
+  check_slot_cache(kv_cache);
+  TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
+                  2 * head_size * kv_cache.element_size() + kSlotMetaBytes,
+              "kv_cache slots of width ", kv_cache.size(3), " do not hold K and V of head size ",
+              head_size, " and 8 metadata bytes");
 }
 
 // One request's block row as contiguous int64 on the cache's device.

@@ -28,20 +28,10 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
-constexpr int64_t kMetaBytes = 8;  // int32 position + float32 score per slot
-
-void check_slot_width(const torch::Tensor& kv_cache, int64_t head_size) {
-  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 4,
-              "kv_cache must be a contiguous [blocks, kv_heads, block_size, W]");
-  TORCH_CHECK(kv_cache.size(3) * kv_cache.element_size() ==
-                  2 * head_size * kv_cache.element_size() + kMetaBytes,
-              "kv_cache slots must hold K, V and 8 metadata bytes");
-}
-
 void write_kv_cuda(torch::Tensor kv_cache, const torch::Tensor& key,
                    const torch::Tensor& value, const torch::Tensor& slot_mapping,
                    const torch::Tensor& positions) {
-  check_slot_width(kv_cache, key.size(2));
+  check_slot_cache(kv_cache, key.size(2));
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   const auto k = key.to(kv_cache.scalar_type()).contiguous();
   const auto v = value.to(kv_cache.scalar_type()).contiguous();
@@ -65,7 +55,7 @@ void launch_attention(torch::Tensor& out, const torch::Tensor& query,
               "query and out must be contiguous in the head dimension");
   TORCH_CHECK(query.size(2) % 32 == 0 && query.size(2) <= 256,
               "head_size ", query.size(2), " unsupported on CUDA: multiples of 32 up to 256");
-  check_slot_width(kv_cache, query.size(2));
+  check_slot_cache(kv_cache, query.size(2));
   const auto table = block_table.to(query.device(), torch::kInt32).contiguous();
   const auto lens = seq_lens.to(query.device(), torch::kInt32).contiguous();
   const auto qsl = query_start_loc.to(query.device(), torch::kInt32).contiguous();
