@@ -59,8 +59,8 @@ inline void dequantize_aligned(const uint8_t* codes, const uint8_t* scale, const
 #if defined(__AVX2__)
 // dequantize_aligned<4> for groups of a multiple of 16 channels, 16 codes (8
 // bytes) per step: revival runs this for every vague token of every decode
-// step. Same arithmetic as the scalar loop (multiply, then add; no FMA), so
-// the result is identical.
+// step. Same expression as the scalar loop (code * scale + min; the compiler
+// may fuse it into an FMA in either).
 inline void dequantize_4bit_avx2(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
                                  int64_t d, int64_t group, float* out) {
   const __m128i nibble = _mm_set1_epi8(0x0f);
