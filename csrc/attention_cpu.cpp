@@ -187,16 +187,6 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     return cache + table_p[r * table_width + s / block_size] * block_stride + h * head_stride +
            (s % block_size) * slot_stride;
   };
-  // Request r's head-h records dequantized: keys and values row-major ([nv, D]),
-  // their bytes first copied back to back into `records` (a record may
-  // straddle two slots, and two blocks).
-  auto revive = [&](int64_t r, int64_t h, uint8_t* records, float* k, float* v) {
-    for (int64_t s = 0; s < exact_start(r); ++s)
-      std::memcpy(&records[s * slot_bytes], slot_at(r, h, s), slot_bytes);
-    for (int64_t j = 0; j < num_vague(r); ++j)
-      decode_record(&records[j * record_bytes], head_size, layout, k + j * head_size,
-                    v + j * head_size);
-  };
   // Request r's head-h vague records in order from record `first`, read in
   // place: a head's slots are contiguous within a block, so only a record
   // straddling two blocks is gathered (into `spill`). No division per record.
@@ -231,21 +221,33 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
                         table_p + r * table_width, block_stride * elem, block_bytes,
                         record_bytes, pos / block_bytes, pos % block_bytes};
   };
-  // Adds `received` (attention from the scoring rows) to the score of request
-  // r's head-h key j: a vague record's score field or an exact slot's.
-  auto add_score = [&](int64_t r, int64_t h, int64_t j, float received) {
+  // Request r's head-h records dequantized: keys and values row-major ([nv, D]).
+  auto revive = [&](int64_t r, int64_t h, uint8_t* spill, float* k, float* v) {
+    auto record = records_from(r, h, 0);
+    for (int64_t j = 0; j < num_vague(r); ++j, record.next())
+      decode_record(record.get(spill), head_size, layout, k + j * head_size, v + j * head_size);
+  };
+  // Adds the attention each key of request r's head h in [k0, k1) received
+  // from the scoring rows (weights logits[row * stride + j] * factor[row]) to
+  // its score: a vague record's score field or an exact slot's. Each (request,
+  // KV head) is one task, so no other thread adds to these keys.
+  auto add_scores = [&](int64_t r, int64_t h, const float* logits, int64_t stride, int64_t rows,
+                        const float* factor, int64_t k0, int64_t k1) {
+    bool scoring = false;
+    for (int64_t row = 0; row < rows; ++row) scoring |= factor[row] != 0.f;
+    if (!scoring) return;
     const int64_t nv = num_vague(r);
-    float* field;
-    if (j < nv) {
-      // The record's score field: 4-byte aligned, so never split across slots.
-      const int64_t at = j * record_bytes + record_bytes - 4;
-      field = reinterpret_cast<float*>(
-          reinterpret_cast<uint8_t*>(slot_at(r, h, at / slot_bytes)) + at % slot_bytes);
-    } else {
-      field = slot_score(slot_at(r, h, exact_start(r) + j - nv), head_size);
+    auto record = records_from(r, h, std::min(k0, nv));
+    for (int64_t j = k0; j < k1; ++j) {
+      float received = 0.f;
+      for (int64_t row = 0; row < rows; ++row) received += logits[row * stride + j] * factor[row];
+      if (j < nv) {
+        *record.score() += received;
+        record.next();
+      } else {
+        *slot_score(slot_at(r, h, exact_start(r) + j - nv), head_size) += received;
+      }
     }
-    // Each (request, KV head) is one task, so no other thread adds to this key.
-    *field += received;
   };
 
   // Prompt chunks: per (request, KV head) its keys and values as float rows
@@ -257,12 +259,12 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     const int64_t ne = lens_p[r] - exact_start(r), total = nv + ne;
     const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
     auto keys = torch::empty({total, head_size}, f32), values = torch::empty({total, head_size}, f32);
-    std::vector<uint8_t> records(exact_start(r) * slot_bytes);
+    std::vector<uint8_t> spill(record_bytes);  // a record straddling two blocks
     std::vector<float> received(score_window > 0 ? total : 0);
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       float* kp = keys.data_ptr<float>();
       float* vp = values.data_ptr<float>();
-      if (nv > 0) revive(r, h, records.data(), kp, vp);
+      if (nv > 0) revive(r, h, spill.data(), kp, vp);
       at::parallel_for(0, ne, 64, [&](int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
           const scalar_t* slot = slot_at(r, h, exact_start(r) + s);
@@ -312,8 +314,8 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
             for (int64_t j = 0; j < span; ++j) received[j] += l[j];
           }
       }
-      for (int64_t j = 0; j < static_cast<int64_t>(received.size()); ++j)
-        if (received[j] != 0.f) add_score(r, h, j, received[j]);
+      const float whole = 1.f;  // received already sums the scoring rows
+      if (!received.empty()) add_scores(r, h, received.data(), 0, 1, &whole, 0, total);
     }
   }
 
@@ -328,10 +330,12 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
           : 1;
   const int64_t num_units = num_items * parts;
   const int64_t max_rows = kTileRows * group;
-  const int64_t max_stride = max_keys + kKeyBlock - 1;  // a logits row, room for a block's tail
+  const int64_t max_stride = max_keys + kKeyBlock - 1;  // logits_stride(max_keys)
   // Split items only: logits per item (read again by the merge), and per unit
   // its rows' max, sum and output sums.
   float* split_logits = parts > 1 ? scratch<float, 4>(num_items * max_rows * max_stride) : nullptr;
+  auto item_logits = [&](int64_t item) { return split_logits + item * max_rows * max_stride; };
+  auto logits_stride = [](int64_t span) { return span + kKeyBlock - 1; };
   std::vector<float> part_max(parts > 1 ? num_units * max_rows : 0);
   std::vector<float> part_sum(part_max.size());
   std::vector<float> part_acc(part_max.size() * head_size);
@@ -364,26 +368,6 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
     auto start = [&](int64_t q) { return q == parts ? span : q * span / parts / kKeyBlock * kKeyBlock; };
     return std::pair<int64_t, int64_t>{start(p), start(p + 1)};
   };
-  // Adds the attention each key of [k0, k1) received from the scoring rows
-  // (weights logits * factor[row]) to its score.
-  auto add_scores = [&](int64_t item, const float* logits, int64_t stride, int64_t rows,
-                        const float* factor, int64_t k0, int64_t k1) {
-    const int64_t h = item % num_kv_heads, r = tiles[item / num_kv_heads].req, nv = num_vague(r);
-    bool scoring = false;
-    for (int64_t row = 0; row < rows; ++row) scoring |= factor[row] != 0.f;
-    if (!scoring) return;
-    auto record = records_from(r, h, std::min(k0, nv));
-    for (int64_t j = k0; j < k1; ++j) {
-      float received = 0.f;
-      for (int64_t row = 0; row < rows; ++row) received += logits[row * stride + j] * factor[row];
-      if (j < nv) {
-        *record.score() += received;
-        record.next();
-      } else {
-        *slot_score(slot_at(r, h, exact_start(r) + j - nv), head_size) += received;
-      }
-    }
-  };
   auto write_out = [&](int64_t item, int64_t row, const float* acc, float inv_sum) {
     const Item& tile = tiles[item / num_kv_heads];
     const int64_t h = item % num_kv_heads, t = row / group, g = row % group;
@@ -412,8 +396,8 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
       const int64_t nv = num_vague(r);
       const int64_t rows = tile.rows * group;  // (query row, head) pairs
       const int64_t span = item_rows(item, visible.data(), scored.data(), qf.data());
-      const int64_t stride = span + kKeyBlock - 1;
-      float* logits = parts > 1 ? split_logits + item * max_rows * max_stride : own_logits;
+      const int64_t stride = logits_stride(span);
+      float* logits = parts > 1 ? item_logits(item) : own_logits;
       const auto [ka, kb] = part_keys(part, span);  // the unit's keys
 
       // Keys and values go kKeyBlock at a time (float rows; a short block
@@ -489,7 +473,7 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
           write_out(item, row, &acc[row * head_size], 1.f / row_sum[row]);
           factor[row] = scored[row] / row_sum[row];
         }
-        add_scores(item, logits, stride, rows, factor.data(), 0, span);
+        add_scores(r, h, logits, stride, rows, factor.data(), 0, span);
         continue;
       }
       for (int64_t row = 0; row < rows; ++row) {
@@ -526,8 +510,8 @@ void paged_attention_kernel(torch::Tensor& out, const torch::Tensor& query,
         write_out(item, row, acc.data(), 1.f / sum);
       }
       const auto [ka, kb] = part_keys(part, span);
-      add_scores(item, split_logits + item * max_rows * max_stride, span + kKeyBlock - 1, rows,
-                 factor.data(), ka, kb);
+      add_scores(tiles[item / num_kv_heads].req, item % num_kv_heads, item_logits(item),
+                 logits_stride(span), rows, factor.data(), ka, kb);
     }
   });
 }
