@@ -23,9 +23,12 @@ accuracy (answer in the 32 greedy tokens), greedy agreement with full cache over
 the first generated token's distribution over full cache's top 20 tokens plus one bucket
 for the rest (a token outside a method's top 20 gets its 20th probability, so this is a
 lower bound). The ``loss`` task reports teacher-forced next-token loss (nats/token) on
-the last eighth of a window of natural text. Attention-output error is not measured
-here (it needs hooks inside the model); ``tests/test_compression.py`` checks revival
-against float64 attention inside the worker.
+the last eighth of a window of natural text. Attention-output error (budgeted methods;
+stock vLLM runs its own kernel, which this harness does not hook) is measured inside the
+worker on the first ``ERROR_STEPS`` decode steps of every retrieval prompt, at every layer:
+``|o - o_full| / |o_full|`` against float32 attention of the same query over every key
+and value the request wrote (``kvreviver_vllm.diagnostics.install_attention_error_probe``),
+averaged over prompts, layers and steps.
 
 Run:  .venv/bin/python benchmarks/accuracy.py [--quick] [--out DIR] [--seed N] [--jobs N]
 
@@ -58,6 +61,8 @@ MAX_TOKENS = 32
 # full cache answers at least this fraction of its prompts.
 CLAIM_THRESHOLD = 0.6
 TOP_LOGPROBS = 20
+# Decode steps per prompt whose attention-output error is measured (the answer's digits).
+ERROR_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ class Run:
     config: dict
     seconds: float
     results: list[SampleResult] = field(default_factory=list)
+    attention_error: dict[int, float] = field(default_factory=dict)
+    """Context -> mean attention-output relative error (budgeted methods only)."""
 
 
 # -- method configurations -----------------------------------------------------
@@ -161,26 +168,34 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
     from kvreviver_vllm.tasks import is_correct
 
     max_len = max(len(s.prompt_ids) for s in samples) + MAX_TOKENS + 8
+    probe = budget is not None  # stock vLLM runs its own attention kernel
+    if probe:  # collective_rpc ships the probe's functions to the worker
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     start = time.perf_counter()
     llm = LLM(
         model=model_dir, dtype="bfloat16", max_model_len=max_len, enforce_eager=True,
         seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False, **kwargs,
     )
     try:
+        if probe:
+            llm.collective_rpc(install_attention_error_probe, args=(ERROR_STEPS,))
         generate = SamplingParams(
             temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS
         )
         score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         params = [score if s.task == "loss" else generate for s in samples]
         outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in samples], params)
+        errors = llm.collective_rpc(attention_error_results)[0] if probe else []
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    run = Run(method, budget, kwargs, time.perf_counter() - start)
+    run = Run(method, budget, kwargs, time.perf_counter() - start,
+              attention_error=attention_error_by_context(errors, {s.context for s in samples}))
     for sample, out in zip(samples, outs):
         context = sample.context
         if sample.task == "loss":
@@ -249,6 +264,21 @@ def stock_run_cached(model_dir: str, method: str, kwargs: dict, samples, chunk: 
 
 # -- metrics -------------------------------------------------------------------
 
+def attention_error_by_context(errors: list[tuple[int, int, int, int, float]],
+                               contexts: set[int]) -> dict[int, float]:
+    """Mean relative error per context of the probe's ``(request, prompt length, layer,
+    step, error)`` measurements; a request counts for the context nearest its prompt
+    length (prompts are about their context's length), each request weighing the same."""
+    per_request: dict[int, tuple[int, list[float]]] = {}
+    for request, prompt_len, _, _, error in errors:
+        per_request.setdefault(request, (prompt_len, []))[1].append(error)
+    by_context: dict[int, list[float]] = {}
+    for prompt_len, request_errors in per_request.values():
+        context = min(contexts, key=lambda c: abs(c - prompt_len))
+        by_context.setdefault(context, []).append(statistics.fmean(request_errors))
+    return {c: statistics.fmean(e) for c, e in sorted(by_context.items())}
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     """Fraction of ``MAX_TOKENS`` generated before the first differing token."""
     n = 0
@@ -304,9 +334,11 @@ def _label(method: str, budget: float | None) -> str:
 
 
 def markdown(rows: list[dict], grid: Grid, skipped: list[str],
-             claims: set[tuple[int, str]] | None = None) -> str:
-    """Accuracy tables (correct/samples) per context, loss deltas, and fidelity.
-    Tasks outside ``claims`` show only their full-cache score."""
+             claims: set[tuple[int, str]] | None = None,
+             attention_errors: dict[tuple[str, float | None, int], float] | None = None) -> str:
+    """Accuracy tables (correct/samples) per context, loss deltas, and fidelity
+    (``attention_errors`` by method, budget and context). Tasks outside ``claims`` show
+    only their full-cache score."""
     lines = []
     for context in grid.contexts:
         at = [r for r in rows if r["context"] == context]
@@ -330,15 +362,19 @@ def markdown(rows: list[dict], grid: Grid, skipped: list[str],
                     cells.append(f"{r['correct']}/{r['samples']}")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Fidelity (retrieval tasks pooled): greedy agreement with full cache over "
-                  f"{MAX_TOKENS} tokens, top-{TOP_LOGPROBS} KL of the first token (nats).", "",
-                  "| method | budget | agreement | KL |", "|---|---|---|---|"]
+                  f"{MAX_TOKENS} tokens, top-{TOP_LOGPROBS} KL of the first token (nats), "
+                  "attention-output relative error (mean over prompts, layers and the first "
+                  f"{ERROR_STEPS} decode steps; - for stock vLLM's kernel).", "",
+                  "| method | budget | agreement | KL | attention error |", "|---|---|---|---|---|"]
         for method, budget in configs:
             match = [r for r in at if (r["method"], r["budget"]) == (method, budget) and "agreement" in r]
             if match:
                 weight = sum(r["samples"] for r in match)
                 agree = sum(r["agreement"] * r["samples"] for r in match) / weight
                 kl = sum(r["kl"] * r["samples"] for r in match) / weight
-                lines.append(f"| {method} | {'-' if budget is None else f'{budget:.0%}'} | {agree:.2f} | {kl:.3f} |")
+                error = (attention_errors or {}).get((method, budget, context))
+                lines.append(f"| {method} | {'-' if budget is None else f'{budget:.0%}'} | {agree:.2f} "
+                             f"| {kl:.3f} | {'-' if error is None else f'{error:.3f}'} |")
         lines.append("")
     if claims is not None:
         no_claim = sorted({f"{t} (~{c})" for r in rows for c, t in [(r["context"], r["task"])]
@@ -386,7 +422,8 @@ def write_report(args, grid: Grid, runs: list[Run], skipped: list[str],
                  claims: set[tuple[int, str]]) -> str:
     """``accuracy[_quick].{json,md,png}`` of the runs so far; returns the markdown."""
     rows = [row for run in runs for row in summarize(run, runs[0])]
-    table = markdown(rows, grid, skipped, claims)
+    errors = {(r.method, r.budget, c): e for r in runs for c, e in r.attention_error.items()}
+    table = markdown(rows, grid, skipped, claims, errors)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "accuracy_quick" if args.quick else "accuracy"
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
@@ -394,7 +431,8 @@ def write_report(args, grid: Grid, runs: list[Run], skipped: list[str],
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=command, seed=args.seed, chunk=args.chunk, grid=asdict(grid), skipped=skipped,
         claims=sorted([c, t] for c, t in claims),
-        runs=[dict(method=r.method, budget=r.budget, config=r.config, seconds=r.seconds) for r in runs],
+        runs=[dict(method=r.method, budget=r.budget, config=r.config, seconds=r.seconds,
+                   attention_error=r.attention_error) for r in runs],
         rows=rows,
     )
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))

@@ -6,6 +6,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported in the worker, where the probes run
+    import torch
+
 
 def attention_impls(worker) -> list[tuple[str, str, int | None]]:
     """``(layer name, impl class, forward calls)`` for every attention layer."""
@@ -155,6 +161,111 @@ def _sketch_holds(store, pages, old_pages, num_old, src, positions, seed, d) -> 
     got_k, got_v = store.bucket_sums(pages)
     tol = dict(atol=0.05, rtol=0.02)  # sums are stored in the cache dtype
     return torch.allclose(got_k, want_k, **tol) and torch.allclose(got_v, want_v, **tol)
+
+
+def install_attention_error_probe(worker, steps: int) -> int:
+    """Measure every attention layer's output error on the first ``steps`` decode
+    steps of each request: ``|o - o_full| / |o_full|`` (L2 over all query heads),
+    where ``o`` is what the backend computed over the compressed cache and
+    ``o_full`` is float32 attention of the same query over every key and value the
+    request has written, from a shadow copy the probe keeps (compaction never
+    touches it). Both use this layer's own inputs in the compressed run, so the
+    error is this layer's attention alone, not the drift of earlier layers.
+
+    Requests are told apart by their first KV block (stable while they run) and
+    start when a step brings their position 0. Read the results with
+    :func:`attention_error_results`. Returns the number of layers probed.
+    """
+    from vllm.model_executor.layers.attention import Attention
+
+    probed = 0
+    for index, module in enumerate(
+        m for m in worker.model_runner.model.modules() if isinstance(m, Attention)
+    ):
+        _wrap_with_error_probe(module.impl, index, steps)
+        probed += 1
+    return probed
+
+
+@dataclass
+class _Shadow:
+    """Every key and value one request wrote to one layer, uncompressed."""
+
+    serial: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    prompt_len: int | None = None
+    """Position of the first decode step (set on that step)."""
+    steps: int = 0
+
+
+def _wrap_with_error_probe(impl, layer_index: int, steps: int) -> None:
+    import torch
+
+    shadows: dict[int, _Shadow] = {}  # by first block id
+    impl.attention_errors = []  # (request serial, prompt length, layer, step, error)
+    serials = iter(range(1 << 62))  # the same request order reaches every layer
+    forward = impl.forward
+
+    def probed_forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs):
+        result = forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs)
+        if md is None:
+            return result
+        qsl = md.query_start_loc.tolist()
+        positions = md.positions.cpu()
+        first_blocks = md.block_table[:, 0].tolist()
+        group = impl.num_heads // impl.num_kv_heads
+        d = impl.head_size
+        for row, block in enumerate(first_blocks):
+            t0, t1 = qsl[row], qsl[row + 1]
+            p0 = int(positions[t0])
+            if p0 == 0:
+                empty = key.new_empty((max(t1 - t0, 1024), impl.num_kv_heads, d))
+                shadows[block] = _Shadow(next(serials), empty, torch.empty_like(empty))
+            shadow = shadows.get(block)
+            if shadow is None:  # measured all its steps already
+                continue
+            p1 = p0 + t1 - t0
+            if p1 > len(shadow.keys):
+                grown = max(p1, 2 * len(shadow.keys))
+                more = shadow.keys.new_empty((grown - len(shadow.keys), *shadow.keys.shape[1:]))
+                shadow.keys = torch.cat([shadow.keys, more])
+                shadow.values = torch.cat([shadow.values, torch.empty_like(more)])
+            shadow.keys[p0:p1] = key[t0:t1].view(-1, impl.num_kv_heads, d)
+            shadow.values[p0:p1] = value[t0:t1].view(-1, impl.num_kv_heads, d)
+            if not md.decoding[row]:
+                continue
+            if shadow.prompt_len is None:
+                shadow.prompt_len = p0
+            keys = shadow.keys[:p1].float().transpose(0, 1)  # [Hkv, n, D]
+            values = shadow.values[:p1].float().transpose(0, 1)
+            q = query[t0].float().view(impl.num_kv_heads, group, d)
+            probs = torch.softmax(q @ keys.transpose(1, 2) * impl.scale, dim=-1)
+            want = probs @ values
+            got = output[t0].float().view(impl.num_kv_heads, group, d)
+            error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+            impl.attention_errors.append(
+                (shadow.serial, shadow.prompt_len, layer_index, shadow.steps, error)
+            )
+            shadow.steps += 1
+            if shadow.steps >= steps:
+                del shadows[block]
+        return result
+
+    impl.forward = probed_forward
+
+
+def attention_error_results(worker) -> list[tuple[int, int, int, int, float]]:
+    """``(request serial, prompt length, layer, decode step, relative error)`` of
+    every measurement taken by :func:`install_attention_error_probe`."""
+    from vllm.model_executor.layers.attention import Attention
+
+    return [
+        measured
+        for module in worker.model_runner.model.modules()
+        if isinstance(module, Attention)
+        for measured in getattr(module.impl, "attention_errors", [])
+    ]
 
 
 def store_check_results(worker) -> list[tuple[str, bool, int, int]]:

@@ -38,6 +38,16 @@ def test_uniform_bits_is_the_widest_width_that_holds_every_token():
     assert section == {"budget": 0.25, "variant": "quantized", "candidates": False, "bits": 2}
 
 
+def test_attention_error_is_averaged_per_request_at_the_nearest_context():
+    # (request, prompt length, layer, step, error): request 0 is ~2k, 1 and 2 are ~4k.
+    errors = [(0, 2050, 0, 0, 0.1), (0, 2050, 1, 0, 0.3), (1, 4090, 0, 0, 0.5),
+              (2, 4101, 0, 0, 0.1), (2, 4101, 0, 1, 0.2), (2, 4101, 1, 0, 0.3)]
+    assert accuracy.attention_error_by_context(errors, {2048, 4096}) == pytest.approx(
+        {2048: 0.2, 4096: (0.5 + 0.2) / 2}
+    )
+    assert accuracy.attention_error_by_context([], {2048}) == {}
+
+
 @pytest.mark.engine
 def test_quick_grid_end_to_end(tmp_path, model_dir):
     report = run_quick("accuracy.py", tmp_path, "accuracy_quick.json", timeout=900)
@@ -61,4 +71,12 @@ def test_quick_grid_end_to_end(tmp_path, model_dir):
     # The compressed runs really went through the KVReviver backend.
     configs = {r["method"]: r["config"] for r in report["runs"]}
     assert configs["quantized"]["attention_backend"] == "kvreviver"
+    # Attention-output error was measured inside the worker for the compressed runs
+    # (the 2 passkey prompts' decode steps), not for stock vLLM.
+    errors = {r["method"]: r["attention_error"] for r in report["runs"]}
+    assert errors["full"] == {}
+    for method in ("evict", "quantized"):
+        assert set(errors[method]) == {str(grid.contexts[0])}
+        assert 0 < errors[method][str(grid.contexts[0])] < 1.5
+    assert "attention error" in (tmp_path / "accuracy_quick.md").read_text()
     assert configs["quantized"]["additional_config"]["kvreviver"]["budget"] == grid.budgets[0]

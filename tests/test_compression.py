@@ -155,3 +155,42 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
         assert any(c[2] > 0 for c in decodes)  # and were revived while decoding
     else:
         assert all(c[3] == 0 for c in compactions) and all(c[2] == 0 for c in decodes)
+
+
+@pytest.mark.parametrize("budget, variant", [(1.0, "quantized"), (0.1, "evict"), (0.1, "quantized")])
+def test_attention_error_probe_measures_compression(model_dir, tokenizer, budget, variant):
+    """The accuracy harness's attention-output error (kvreviver_vllm.diagnostics.
+    install_attention_error_probe): with nothing compressed it is bf16 rounding only;
+    under compression it is measured on every layer, for every prompt, and is larger."""
+    import os
+    import statistics
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
+    from prompts import make_prompt
+
+    steps, layers = 4, 30
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+              attention_backend="kvreviver", enable_prefix_caching=False,
+              max_num_batched_tokens=512, additional_config={"kvreviver": {"budget": budget, "variant": variant}})
+    try:
+        assert llm.collective_rpc(install_attention_error_probe, args=(steps,)) == [layers]
+        lens = (1500, 2200)
+        prompts = [TokensPrompt(prompt_token_ids=make_prompt(tokenizer, n, seed=n)) for n in lens]
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+        errors = llm.collective_rpc(attention_error_results)[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    # Every layer, every prompt, the first `steps` decode steps, once each.
+    assert sorted({(r, n, layer, step) for r, n, layer, step, _ in errors}) == sorted(
+        (r, n, layer, step) for r, n in enumerate(lens) for layer in range(layers)
+        for step in range(steps)
+    )
+    values = [e for *_, e in errors]
+    if budget == 1.0:
+        assert max(values) < 0.02  # the backend's bf16 output against float32
+    else:
+        assert statistics.fmean(values) > 0.02, statistics.fmean(values)

@@ -117,6 +117,8 @@ class KVReviverMetadata:
     """[num_reqs] int32, on the host: end of the exact slots, this step's tokens included."""
     vague_tokens: torch.Tensor
     """[num_reqs] int32, on the host: tokens held in each request's vague store."""
+    decoding: list[bool]
+    """Per request: this step is one of its decode steps (not a prompt chunk)."""
     block_table: torch.Tensor
     """[num_reqs, max_blocks] int32: the request's physical blocks in order."""
     slot_mapping: torch.Tensor
@@ -176,7 +178,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             cm.is_prefilling[:num_reqs].tolist() if cm.is_prefilling is not None else [True] * num_reqs
         )
 
-        exact_start, before, vague, compactions = [], [], [], []
+        exact_start, before, vague, compactions, decode_rows = [], [], [], [], []
         for row, (q_len, logical, first) in enumerate(zip(q_lens, logical_lens, first_blocks)):
             # A request with no computed tokens starts (or, after preemption,
             # restarts) from an empty cache.
@@ -197,6 +199,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             # A decoding request gets one token per step until it finishes or is
             # preempted (which restarts it empty); anything else may get a chunk.
             decoding = q_len == 1 and not prefilling[row]
+            decode_rows.append(decoding)
             target = self.spec.compaction_target(used, logical, decoding, settled)
             settled = settled or decoding
             if target is not None:
@@ -227,6 +230,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             exact_start=torch.tensor(exact_start, dtype=torch.int32),
             seq_lens=torch.tensor(before, dtype=torch.int32) + torch.tensor(q_lens, dtype=torch.int32),
             vague_tokens=torch.tensor(vague, dtype=torch.int32),
+            decoding=decode_rows,
             block_table=block_table,
             slot_mapping=slot_mapping.to(device),
             positions=positions.to(device),
