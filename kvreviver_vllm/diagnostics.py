@@ -178,11 +178,12 @@ def install_attention_error_probe(worker, steps: int) -> int:
     """
     from vllm.model_executor.layers.attention import Attention
 
+    max_len = worker.model_config.max_model_len
     probed = 0
     for index, module in enumerate(
         m for m in worker.model_runner.model.modules() if isinstance(m, Attention)
     ):
-        _wrap_with_error_probe(module.impl, index, steps)
+        _wrap_with_error_probe(module.impl, index, steps, max_len)
         probed += 1
     return probed
 
@@ -199,7 +200,7 @@ class _Shadow:
     steps: int = 0
 
 
-def _wrap_with_error_probe(impl, layer_index: int, steps: int) -> None:
+def _wrap_with_error_probe(impl, layer_index: int, steps: int, max_len: int) -> None:
     import torch
 
     shadows: dict[int, _Shadow] = {}  # by first block id
@@ -219,18 +220,13 @@ def _wrap_with_error_probe(impl, layer_index: int, steps: int) -> None:
         for row, block in enumerate(first_blocks):
             t0, t1 = qsl[row], qsl[row + 1]
             p0 = int(positions[t0])
-            if p0 == 0:
-                empty = key.new_empty((max(t1 - t0, 1024), impl.num_kv_heads, d))
+            if p0 == 0:  # room for the longest request, in the model dtype
+                empty = key.new_empty((max_len, impl.num_kv_heads, d))
                 shadows[block] = _Shadow(next(serials), empty, torch.empty_like(empty))
             shadow = shadows.get(block)
             if shadow is None:  # measured all its steps already
                 continue
             p1 = p0 + t1 - t0
-            if p1 > len(shadow.keys):
-                grown = max(p1, 2 * len(shadow.keys))
-                more = shadow.keys.new_empty((grown - len(shadow.keys), *shadow.keys.shape[1:]))
-                shadow.keys = torch.cat([shadow.keys, more])
-                shadow.values = torch.cat([shadow.values, torch.empty_like(more)])
             shadow.keys[p0:p1] = key[t0:t1].view(-1, impl.num_kv_heads, d)
             shadow.values[p0:p1] = value[t0:t1].view(-1, impl.num_kv_heads, d)
             if not md.decoding[row]:
