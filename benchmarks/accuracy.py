@@ -131,6 +131,15 @@ class Run:
 
 # -- method configurations -----------------------------------------------------
 
+def fit_contexts(contexts: tuple[int, ...], max_positions: int) -> tuple[int, ...]:
+    """Context lengths whose prompts plus the generated tokens fit the model's
+    positions (the ~8k grid point of an 8192-position model is 8152 tokens)."""
+    room = max_positions - MAX_TOKENS - 8
+    if room < 1:
+        raise SystemExit(f"the model's {max_positions} positions leave no room for a prompt")
+    return tuple(dict.fromkeys(min(c, room) for c in contexts))
+
+
 def uniform_bits(budget: float, context: int, head_size: int, slot_bytes: int,
                  protected: int) -> int | None:
     """Widest bit width whose store holds every token but sink + recent in ``budget``."""
@@ -477,7 +486,7 @@ def main() -> int:
         grid = Grid(**{**asdict(grid), "methods": ("full",) + grid.methods})
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from kvreviver_vllm.config import KVReviverConfig
     from kvreviver_vllm.models import default_model_dir
@@ -487,6 +496,8 @@ def main() -> int:
     import torch
 
     model_dir = str(default_model_dir())
+    max_positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    grid = Grid(**{**asdict(grid), "contexts": fit_contexts(grid.contexts, max_positions)})
     generator = TaskGenerator(AutoTokenizer.from_pretrained(model_dir))
     samples_by_context = {
         context: [s for task in grid.tasks

@@ -38,6 +38,12 @@ def test_uniform_bits_is_the_widest_width_that_holds_every_token():
     assert section == {"budget": 0.25, "variant": "quantized", "candidates": False, "bits": 2}
 
 
+def test_contexts_are_shortened_to_fit_the_model_positions():
+    room = 8192 - accuracy.MAX_TOKENS - 8
+    assert accuracy.fit_contexts((2048, 4096, 8192), 8192) == (2048, 4096, room)
+    assert accuracy.fit_contexts((8192, 9000), 8192) == (room,)
+
+
 def test_attention_error_is_averaged_per_request_at_the_nearest_context():
     # (request, prompt length, layer, step, error): request 0 is ~2k, 1 and 2 are ~4k.
     errors = [(0, 2050, 0, 0, 0.1), (0, 2050, 1, 0, 0.3), (1, 4090, 0, 0, 0.5),
