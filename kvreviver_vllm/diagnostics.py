@@ -201,11 +201,13 @@ class _Shadow:
 
 
 def _wrap_with_error_probe(impl, layer_index: int, steps: int, max_len: int) -> None:
+    import itertools
+
     import torch
 
     shadows: dict[int, _Shadow] = {}  # by first block id
     impl.attention_errors = []  # (request serial, prompt length, layer, step, error)
-    serials = iter(range(1 << 62))  # the same request order reaches every layer
+    serials = itertools.count()  # requests reach every layer in the same order
     forward = impl.forward
 
     def probed_forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs):
