@@ -173,7 +173,7 @@ def cases(quick: bool) -> list[Case]:
         Case("write_kv", "decode", 16, contexts[-1], 1),
         Case("write_kv", "prefill", 1, prefill_context, prefill_new),
     ]
-    # Vague-store ops, one KV head: a compaction encodes a staging room of demoted
+    # Vague-store ops, one KV head: a compaction encodes a batch of demoted
     # tokens; revival reads a store of a quarter of the longest context.
     demoted, stored = 128, contexts[-1] // 4
     store = [
@@ -183,7 +183,7 @@ def cases(quick: bool) -> list[Case]:
         Case("count_sketch_logits", "revive", 1, stored, NUM_Q_HEADS // NUM_KV_HEADS),
     ]
     # Compaction of one request at budget 10% of the longest context: its store
-    # plus sink + recent + a staging room of 256 new tokens, back to the budget.
+    # plus sink + recent + 256 newer exact tokens, back to the budget.
     compaction = [
         Case("compact_quantized", "compact", 1, contexts[-1], 256),
         Case("compact_slots", "compact", 1, contexts[-1], 256),

@@ -2,12 +2,10 @@
 
 Each configuration is a real ``kvreviver serve`` (the OpenAI server, ``vllm serve`` with
 this package's CPU defaults: bf16, eager, no prefix caching) on the default model; stock
-vLLM is the same command with ``--attention-backend CPU_ATTN``. Stock vLLM prefills in
-chunks of 512 tokens (``--max-num-batched-tokens``); KVReviver in chunks of 256: every
-request holds that staging room on top of its budget, so a larger chunk fits fewer
-requests in the pool, while a smaller one admits them more slowly (a request takes
-prompt / chunk steps to enter decoding, so about (that + output tokens) / that requests
-can run at once: 17 at 256, 9 at 128, for 2048 + 128 tokens).
+vLLM is the same command with ``--attention-backend CPU_ATTN``. Both prefill in chunks of
+512 tokens (``--max-num-batched-tokens``, the serve default here). A KVReviver request
+holds its whole prompt while reading it, as stock vLLM does, and its budget plus a
+32-token decode room after its first output token.
 The load is vLLM's own ``vllm bench serve`` (random-token prompts, seeded, EOS ignored),
 and a thread polls the server's ``/metrics`` for running requests and KV usage.
 
@@ -74,8 +72,8 @@ class Setup:
     one server start per engine)."""
     stock_chunk: int = 512
     """--max-num-batched-tokens of stock vLLM (the serve default here)."""
-    chunk: int = 256
-    """--max-num-batched-tokens with KVReviver (see the module docstring)."""
+    chunk: int = 512
+    """--max-num-batched-tokens with KVReviver."""
 
 
 QUICK = Setup(requests=4, input_len=512, output_len=16, pool_requests=2, budgets=(0.25,),
@@ -324,7 +322,7 @@ def main() -> int:
     parser.add_argument("--budgets", type=float, nargs="+",
                         help="KVReviver budgets under pressure (default: 0.1 0.25)")
     parser.add_argument("--chunk", type=int,
-                        help="KVReviver's --max-num-batched-tokens (default: 256)")
+                        help="KVReviver's --max-num-batched-tokens (default: 512)")
     parser.add_argument("--no-stock", action="store_true",
                         help="skip stock vLLM (no ratios; for probing one setting)")
     args = parser.parse_args()

@@ -26,7 +26,8 @@ SERVE_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--enforce-eager", None),
     # Compaction rewrites blocks, so cached prefixes would never match.
     ("--no-enable-prefix-caching", None),
-    # The staging room every request holds on top of its budget is this many tokens.
+    # Prompts are read in chunks of this many tokens, so decode steps that share
+    # a step with a long prompt stay short.
     ("--max-num-batched-tokens", "512"),
 )
 # The KV pool of vLLM on CPU, in GiB: the default (92% of the NUMA node) fails

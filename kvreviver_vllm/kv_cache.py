@@ -1,23 +1,23 @@
-"""KV cache spec and block manager: a request holds at most its budget of blocks.
+"""KV cache spec and block manager: a request holds its prompt while it reads it,
+then only its budget of blocks.
 
 Sizing rule (one place, used by the scheduler's manager, the startup memory check
-and the attention metadata builder, so the three always agree):
+and the attention metadata builder, so they always agree):
 
 * ``budget_tokens(n)``: slots a request of ``n`` logical tokens keeps after a
   compaction (its budget, never below sink + recent, never above ``n``);
-* ``limit_tokens(n) = round_up(budget_tokens(n) + staging, block_size)``: slots it
-  may hold. The staging room takes the next step's new tokens (at most
-  ``--max-num-batched-tokens`` of them) before the next compaction;
-* the manager allocates ``min(n, limit_tokens(n))`` slots' worth of blocks.
+* while its prompt is read (chunked or not) a request holds every prompt token
+  exact: the prompt's end (the question) has not scored them yet, and cutting
+  earlier drops what it will ask for (measured in README: multikey at 25%, 0/8
+  against 5/8);
+* its first decode step compacts it to ``budget_tokens(n)``; after that step has
+  run, the manager frees the blocks past ``decode_limit(n)``, the slots a decoding
+  request may fill (its budget plus ``decode_room`` new tokens, in whole blocks)
+  before it is compacted back to its budget.
 
-The builder compacts a request whenever its occupancy plus the most tokens its
-next step can bring (one while decoding, the staging room ``s`` otherwise) would
-exceed ``limit_tokens(n)``: a decoding request down to ``budget_tokens(n)``, a
-prompt chunk down to ``budget_tokens(n + s)``. Since a budget grows by at most
-one slot per token, occupancy plus the next step's ``q <= s`` tokens then fits
-in the ``held_tokens(n + q)`` slots the manager gives it. A request's first
-decode step also compacts it to ``budget_tokens(n)``, so from its second output
-token on it attends to at most its budget plus the tokens generated since.
+The freed blocks are a gap in the request's block list (vLLM's null block, as for
+R-SWA); :meth:`KVReviverSpec.cut` says where it is, and the builder skips it when
+it maps slots to blocks. A preempted request starts over and is cut again.
 """
 
 from __future__ import annotations
@@ -36,14 +36,27 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
+@dataclass(frozen=True)
+class Cut:
+    """Where a decoding request's block list skips the blocks freed after its
+    first decode step: entries ``[kept, prompt_blocks)`` are vLLM's null block."""
+
+    kept: int
+    prompt_blocks: int
+
+    @property
+    def gap(self) -> int:
+        return self.prompt_blocks - self.kept
+
+
 @dataclass(frozen=True, kw_only=True)
 class KVReviverSpec(FullAttentionSpec):
     budget: float = 1.0
     """Fraction of the context in (0, 1], or (> 1) a number of tokens."""
     floor_tokens: int = 0
     """Fewest slots kept after compaction (sink + recent)."""
-    staging_tokens: int = 0
-    """Room for one step's new tokens between compactions."""
+    decode_room: int = 0
+    """New tokens a decoding request takes between two compactions."""
 
     @property
     def prefix_cacheable(self) -> bool:
@@ -55,8 +68,31 @@ class KVReviverSpec(FullAttentionSpec):
         # Sink + recent are never dropped, whatever the budget says.
         return min(num_tokens, max(kept, self.floor_tokens))
 
-    def limit_tokens(self, num_tokens: int) -> int:
-        return round_up(self.budget_tokens(num_tokens) + self.staging_tokens, self.block_size)
+    def decode_limit(self, num_tokens: int) -> int:
+        """Slots a decoding request of ``num_tokens`` may fill before it is
+        compacted back to its budget."""
+        return round_up(self.budget_tokens(num_tokens) + self.decode_room, self.block_size)
+
+    def decode_slots(self, num_tokens: int) -> int:
+        """Slots the manager backs for a decoding request after its cut."""
+        return min(num_tokens, self.decode_limit(num_tokens))
+
+    def cut(self, prompt_end: int) -> Cut:
+        """The gap of a request whose first decode step is logical token
+        ``prompt_end`` (its prompt, or after a preemption its prompt and replayed
+        output, is ``prompt_end`` tokens)."""
+        prompt_blocks = cdiv(prompt_end + 1, self.block_size)
+        kept = min(prompt_blocks, cdiv(self.decode_slots(prompt_end + 1), self.block_size))
+        return Cut(kept, prompt_blocks)
+
+    def num_entries(self, num_tokens: int, prompt_end: int | None) -> int:
+        """Entries (real blocks and the gap) of a request's block list at
+        ``num_tokens`` tokens; ``prompt_end`` None while the prompt is read."""
+        if prompt_end is None or num_tokens <= prompt_end:
+            return cdiv(num_tokens, self.block_size)
+        cut = self.cut(prompt_end)
+        live = cdiv(self.decode_slots(num_tokens), self.block_size)
+        return cut.prompt_blocks + max(0, live - cut.kept)
 
     def compaction_target(self, used: int, num_tokens: int, decoding: bool,
                           settled: bool) -> int | None:
@@ -64,26 +100,15 @@ class KVReviverSpec(FullAttentionSpec):
         step, or None to leave it. ``used``: slots it holds with this step's
         tokens; ``num_tokens``: its logical length; ``settled``: whether it had
         a decode step before."""
-        if decoding and not settled:
-            # The prompt is whole and its end (the question) has scored every
-            # token: now cut to the budget.
+        if not decoding:
+            return None  # the prompt stays whole until its end has scored it
+        if not settled:
             return num_tokens if used > self.budget_tokens(num_tokens) else None
-        next_tokens = 1 if decoding else self.staging_tokens
-        if used + next_tokens <= self.limit_tokens(num_tokens):
-            return None
-        # A prompt chunk keeps all that the next chunk's cap leaves room for: its
-        # tokens were scored without the prompt's end, so cut them least. A
-        # decoding request goes back to its budget, leaving room to grow for
-        # many steps.
-        return num_tokens if decoding else num_tokens + next_tokens
-
-    def held_tokens(self, num_tokens: int) -> int:
-        """Slots the manager backs with blocks for a request of ``num_tokens``."""
-        return min(num_tokens, self.limit_tokens(num_tokens))
+        return num_tokens if used + 1 > self.decode_limit(num_tokens) else None
 
     def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
-        max_len = vllm_config.model_config.max_model_len
-        return cdiv(self.held_tokens(max_len), self.block_size) * self.page_size_bytes
+        # A prompt of max_model_len tokens is held whole while it is read.
+        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
 
     @classmethod
     def merge(cls, specs: list[KVReviverSpec]) -> KVReviverSpec:
@@ -97,12 +122,28 @@ class KVReviverSpec(FullAttentionSpec):
 
 
 class KVReviverManager(FullAttentionManager):
-    """Full-attention manager whose requests hold at most their budget of blocks."""
+    """Full-attention manager whose decoding requests hold only their budget.
+
+    A request's block list grows as for full attention while its prompt is read.
+    At its first decode step (one new token, its prompt computed: what the
+    builder calls decoding) the manager records where the prompt ended; once
+    that step has run, the blocks of :meth:`KVReviverSpec.cut`'s gap are freed,
+    and later growth is appended after the gap."""
 
     kv_cache_spec: KVReviverSpec
 
-    def _held(self, num_tokens: int) -> int:
-        return self.kv_cache_spec.held_tokens(num_tokens)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Request id -> its prompt length (vLLM hands it to remove_skipped_blocks
+        # only, which runs first in every allocate_slots call).
+        self.num_prompt: dict[str, int] = {}
+        # Request id -> its prompt_end (see KVReviverSpec.cut), from its first
+        # decode step until it is freed or preempted.
+        self.prompt_end: dict[str, int] = {}
+
+    def _entries_as_tokens(self, request_id: str, num_tokens: int) -> int:
+        spec = self.kv_cache_spec
+        return spec.num_entries(num_tokens, self.prompt_end.get(request_id)) * spec.block_size
 
     def get_num_blocks_to_allocate(
         self,
@@ -115,25 +156,52 @@ class KVReviverManager(FullAttentionManager):
         apply_admission_cap: bool = False,
         prefill_end: int = 0,
     ) -> int:
+        # A decode step as the builder sees one: one new token after the whole
+        # prompt (a preempted request replaying its output is not decoding).
+        # The admission check (apply_admission_cap) only asks whether a waiting
+        # request fits.
+        if (not apply_admission_cap and request_id not in self.prompt_end
+                and request_id in self.req_to_blocks
+                and num_tokens - total_computed_tokens == 1
+                and total_computed_tokens >= self.num_prompt.get(request_id, num_tokens)):
+            self.prompt_end[request_id] = total_computed_tokens
         return super().get_num_blocks_to_allocate(
             request_id,
-            self._held(num_tokens),
+            self._entries_as_tokens(request_id, num_tokens),
             new_computed_blocks,
             total_computed_tokens,
             num_local_computed_tokens,
-            self._held(num_tokens_main_model),
+            self._entries_as_tokens(request_id, num_tokens_main_model),
             apply_admission_cap,
             prefill_end,
         )
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
         return super().allocate_new_blocks(
-            request_id, self._held(num_tokens), self._held(num_tokens_main_model)
+            request_id,
+            self._entries_as_tokens(request_id, num_tokens),
+            self._entries_as_tokens(request_id, num_tokens_main_model),
         )
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        if num_prompt_tokens is not None:
+            self.num_prompt[request_id] = num_prompt_tokens
+        prompt_end = self.prompt_end.get(request_id)
+        # Past prompt_end: the first decode step, which compacts the request
+        # out of the gap, has run (processed tokens exclude in-flight steps).
+        if prompt_end is not None and processed_computed_tokens > prompt_end:
+            cut = self.kv_cache_spec.cut(prompt_end)
+            self._remove_blocks_in_range(request_id, cut.kept, cut.prompt_blocks)
+
+    def pop_blocks_for_free(self, request_id: str):
+        self.prompt_end.pop(request_id, None)
+        self.num_prompt.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
 
 def kvreviver_spec(spec: AttentionSpec, meta_bytes: int, budget: float, floor_tokens: int,
-                   staging_tokens: int) -> KVReviverSpec:
+                   decode_room: int) -> KVReviverSpec:
     """The layer's stock spec rebuilt with our slot size and budget."""
     dense = (spec.head_size + spec.head_size_v) * get_dtype_size(spec.dtype)
     return replace_as(
@@ -142,7 +210,7 @@ def kvreviver_spec(spec: AttentionSpec, meta_bytes: int, budget: float, floor_to
         state_content_bytes=dense + meta_bytes,
         budget=budget,
         floor_tokens=floor_tokens,
-        staging_tokens=staging_tokens,
+        decode_room=decode_room,
     )
 
 

@@ -166,6 +166,15 @@ def request_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: i
     return score[blocks, :, offsets].transpose(0, 1)
 
 
+
+def reset_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> None:
+    """Zero the scores of one request's slots ``[start, end)``."""
+    _, score = slot_meta(kv_cache)
+    blocks, offsets = physical_slots(
+        block_row, torch.arange(start, end, device=kv_cache.device), kv_cache.shape[2]
+    )
+    score[blocks, :, offsets] = 0.0
+
 # ---------------------------------------------------------------------------
 # Revival: attention over exact slots plus the vague store, and compaction
 # into it. A request's slots are laid out as

@@ -47,7 +47,7 @@ def run(scenario: dict) -> dict:
         engine.add_request(str(i), prompt, params)
 
     abort_at = {rid: step for rid, step in scenario.get("abort_at", {}).items()}
-    peak_running, peak_blocks, preemptions, steps = 0, {}, {}, 0
+    peak_running, peak_blocks, peak_decode_blocks, preemptions, steps = 0, {}, {}, {}, 0
     outputs: dict[str, dict] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -59,8 +59,15 @@ def run(scenario: dict) -> dict:
         steps += 1
         peak_running = max(peak_running, len(scheduler.running))
         for rid, blocks in manager.req_to_blocks.items():
+            # Real blocks: a compressed request's list has a gap of null blocks.
+            held = sum(not b.is_null for b in blocks)
+            # Past its first decode step (the cut) and the step after it (which
+            # frees the gap), a request holds only its decode room.
+            decoding = scheduler.requests[rid].num_output_tokens >= 3
             rid = external_id(rid)
-            peak_blocks[rid] = max(peak_blocks.get(rid, 0), len(blocks))
+            peak_blocks[rid] = max(peak_blocks.get(rid, 0), held)
+            if decoding:
+                peak_decode_blocks[rid] = max(peak_decode_blocks.get(rid, 0), held)
         for rid, req in scheduler.requests.items():
             rid = external_id(rid)
             preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
@@ -74,6 +81,7 @@ def run(scenario: dict) -> dict:
         "free_at_end": pool.get_num_free_blocks(),
         "peak_running": peak_running,
         "peak_blocks": peak_blocks,
+        "peak_decode_blocks": peak_decode_blocks,
         "preemptions": sum(preemptions.values()),
         "outputs": outputs,
         "steps": steps,

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.engine
 
 PROBE = Path(__file__).parent / "scheduler_probe.py"
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
-STAGING = 128  # --max-num-batched-tokens: the most tokens one request gets per step
+CHUNK = 512  # --max-num-batched-tokens: the most tokens one request gets per step
+DECODE_ROOM = 32  # kvreviver_vllm.backend.common.DECODE_ROOM
 # Stock vLLM's bf16 page for this model: 30 layers x 3 KV heads x 32 tokens x 128 x 2 B.
 STOCK_BLOCK_BYTES = 30 * 3 * BLOCK_SIZE * 128 * 2
 
@@ -32,7 +33,7 @@ def probe(model_dir: str, backend: str | None, prompt_lens: list[int], max_token
     engine = dict(
         max_model_len=max_model_len,
         block_size=BLOCK_SIZE,
-        max_num_batched_tokens=STAGING,
+        max_num_batched_tokens=CHUNK,
         enable_prefix_caching=False,
         kv_cache_memory_bytes=pool_blocks * STOCK_BLOCK_BYTES * (2 if dtype == "float32" else 1),
         # vLLM admits a request only when its whole prompt fits; over-admitting
@@ -52,33 +53,37 @@ def probe(model_dir: str, backend: str | None, prompt_lens: list[int], max_token
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def cap_blocks(num_tokens: int, budget: float) -> int:
-    """The issue's cap: ceil((budget_tokens + staging_tokens) / block_size)."""
-    return math.ceil((max(math.ceil(budget * num_tokens), 4 + 64) + STAGING) / BLOCK_SIZE)
+def decode_cap_blocks(num_tokens: int, budget: float) -> int:
+    """Blocks a decoding request holds at most: its budget plus the decode room."""
+    budget_tokens = max(math.ceil(budget * num_tokens), 4 + 64)
+    return math.ceil(min(num_tokens, budget_tokens + DECODE_ROOM) / BLOCK_SIZE)
 
 
 def test_budget_caps_blocks_and_multiplies_concurrency(model_dir, capsys):
-    # Long enough generations that early requests still run while later ones prefill
-    # (one 128-token chunk per step), so the KV pool, not the step budget, limits
-    # concurrency.
+    # A 2k prompt is read in four chunks, so the KV pool, not the step budget,
+    # limits concurrency.
     prompts, new = [2048] * 16, 192
-    # Room for two whole requests in stock vLLM (70 blocks each) and no third chunk.
-    stock = probe(model_dir, None, prompts, new, pool_blocks=143)
-    ours = probe(model_dir, "kvreviver", prompts, new, pool_blocks=143, budget=0.1)
+    # Room for three whole requests in stock vLLM (70 blocks each) and no fourth chunk.
+    stock = probe(model_dir, None, prompts, new, pool_blocks=213)
+    ours = probe(model_dir, "kvreviver", prompts, new, pool_blocks=213, budget=0.1)
 
     for run in (stock, ours):
         assert sorted(run["outputs"]) == sorted(map(str, range(len(prompts))))
         assert all(len(o["token_ids"]) == new for o in run["outputs"].values())
         assert run["free_at_end"] == run["free_at_start"]
     assert max(stock["peak_blocks"].values()) == math.ceil((2048 + new) / BLOCK_SIZE)
-    cap = cap_blocks(2048 + new, 0.1)
-    assert max(ours["peak_blocks"].values()) <= cap
+    # Ours holds the prompt whole while reading it (and at its first decode
+    # step), then only its budget plus the decode room.
+    assert max(ours["peak_blocks"].values()) == math.ceil((2048 + 1) / BLOCK_SIZE)
+    cap = decode_cap_blocks(2048 + new, 0.1)
+    assert len(ours["peak_decode_blocks"]) == len(prompts)
+    assert max(ours["peak_decode_blocks"].values()) <= cap
     with capsys.disabled():
         print(
             f"\nsame KV pool, 2k-token requests: peak running stock {stock['peak_running']}, "
             f"kvreviver@0.1 {ours['peak_running']}; blocks per request stock "
             f"{max(stock['peak_blocks'].values())}, kvreviver {max(ours['peak_blocks'].values())} "
-            f"(cap {cap})"
+            f"reading the prompt, {max(ours['peak_decode_blocks'].values())} decoding (cap {cap})"
         )
     assert ours["peak_running"] >= 5 * stock["peak_running"]
 
@@ -87,9 +92,10 @@ def test_budget_caps_blocks_and_multiplies_concurrency(model_dir, capsys):
 @pytest.mark.parametrize("variant", ["quantized", "sketch", "streaming"])
 def test_preemption_abort_and_mixed_lengths_return_every_block(model_dir, variant):
     prompts, new = [600, 1200, 1800, 2400, 900, 1500], 64
-    # 13 usable blocks: a request admitted beside a running one (4 blocks for its
-    # first chunk) grows past what is free.
-    run = probe(model_dir, "kvreviver", prompts, new, pool_blocks=15, budget=0.1,
+    # 89 usable blocks: the longest prompt fits whole (77 blocks), but requests
+    # admitted on their first chunk grow past what is free while reading their
+    # prompts.
+    run = probe(model_dir, "kvreviver", prompts, new, pool_blocks=90, budget=0.1,
                 variant=variant, abort_at={"1": 20}, over_admit=True)
     assert run["preemptions"] > 0
     assert run["free_at_end"] == run["free_at_start"]
@@ -98,7 +104,7 @@ def test_preemption_abort_and_mixed_lengths_return_every_block(model_dir, varian
         if rid != 1:
             out = run["outputs"][str(rid)]
             assert len(out["token_ids"]) == new and out["finish_reason"] == "length"
-        assert run["peak_blocks"][str(rid)] <= cap_blocks(n + new, 0.1)
+        assert run["peak_blocks"][str(rid)] <= math.ceil((n + new) / BLOCK_SIZE)
 
 
 def test_preempted_requests_resume_exactly(model_dir):
@@ -131,7 +137,7 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
               attention_backend="kvreviver", enable_prefix_caching=False,
-              max_num_batched_tokens=STAGING, block_size=BLOCK_SIZE,
+              max_num_batched_tokens=CHUNK, block_size=BLOCK_SIZE,
               kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
               additional_config={"kvreviver": {"budget": 0.25, "variant": variant}})
     try:

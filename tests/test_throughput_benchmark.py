@@ -42,7 +42,7 @@ def test_quick_run_serves_every_request_on_both_engines(tmp_path, model_dir):
         assert r["num_blocks"] > 0
         assert r["peak_running_x"] is not None  # a stock row exists for every load
     # Same KV bytes for both engines under pressure; stock's pool holds
-    # pool_requests requests, ours more (the cap is the budget plus staging).
+    # pool_requests requests, ours more (a decoding request holds its budget).
     pressure = {r["config"]: r for r in rows if r["scenario"] == "pressure"}
     assert pressure["stock"]["peak_running"] <= setup.pool_requests
     assert set(report["accuracy"]) == {r["config"] for r in rows}

@@ -34,9 +34,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvreviver_vllm import ops, policy
+from kvreviver_vllm import ops, policy, sketch
 from kvreviver_vllm.config import KVReviverConfig
-from kvreviver_vllm.kv_cache import KVReviverSpec, kvreviver_spec
+from kvreviver_vllm.kv_cache import Cut, KVReviverSpec, kvreviver_spec
 from kvreviver_vllm.sketch import META_BYTES
 from kvreviver_vllm.stores import VagueStore, make_store
 
@@ -44,6 +44,10 @@ from kvreviver_vllm.stores import VagueStore, make_store
 logger = init_logger(f"vllm.{__name__}")
 
 BACKEND_NAME = "KVREVIVER"
+
+# New tokens a decoding request takes between compactions (kv_cache.py): a
+# compaction every ~32 steps costs little, and the room is ~1.5% of a 2k context.
+DECODE_ROOM = 32
 
 # The budget parameters of this process's engine. vLLM calls customize_spec
 # without its config in scope, so the impls (built with the config in scope,
@@ -57,7 +61,7 @@ def _remember_spec_params(vllm_config: VllmConfig, config: KVReviverConfig) -> N
         budget=float(config.budget),
         floor_tokens=config.sink + config.recent,
         # At most this many tokens of one request arrive in a step.
-        staging_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+        decode_room=DECODE_ROOM,
     )
 
 
@@ -130,6 +134,10 @@ class KVReviverMetadata:
     importance scores this step (0: none)."""
     compactions: list[tuple[int, int, int]]
     """(request row, exact tokens kept, vague tokens kept): compactions after attention."""
+    rescored: list[tuple[int, int, int]]
+    """(request row, first slot, end slot): a prompt chunk's older slots, whose scores are reset
+    before attention, so the prompt's last chunk (its end, the question) alone
+    ranks the prompt at the first decode step."""
 
 
 class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
@@ -154,10 +162,11 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             config, kv_cache_spec.head_size, kv_cache_spec.state_content_size_bytes,
             kv_cache_spec.dtype,
         )
-        # (vague tokens, exact tokens, settled) after the last step, by the
-        # request's first block id (stable while it runs; prefix caching is off
-        # when compressing). Settled: its first decode step brought it to budget.
-        self.state: dict[int, tuple[int, int, bool]] = {}
+        # (vague tokens, exact tokens, cut) after the last step, by the request's
+        # first block id (stable while it runs; prefix caching is off when
+        # compressing). Cut: set by its first decode step, which brought it to
+        # budget; the manager frees the cut's gap after that step.
+        self.state: dict[int, tuple[int, int, Cut | None]] = {}
 
     def build(
         self,
@@ -179,37 +188,48 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         )
 
         exact_start, before, vague, compactions, decode_rows = [], [], [], [], []
+        cuts: dict[int, Cut] = {}
+        rescored: list[tuple[int, int, int]] = []
         for row, (q_len, logical, first) in enumerate(zip(q_lens, logical_lens, first_blocks)):
             # A request with no computed tokens starts (or, after preemption,
             # restarts) from an empty cache.
-            num_vague, num_exact, settled = (
-                (0, 0, False) if logical == q_len else self.state[first]
-            )
+            num_vague, num_exact, cut = (0, 0, None) if logical == q_len else self.state[first]
+            settled = cut is not None
+            if settled and cut.gap:
+                cuts[row] = cut
             pages = self.store.slots_for(num_vague) if num_vague else 0
             used = pages + num_exact + q_len
-            if used > self.spec.held_tokens(logical):
-                raise RuntimeError(
-                    f"KVReviver request row {row} needs {used} slots but holds "
-                    f"{self.spec.held_tokens(logical)}"
-                )
+            held = self.spec.decode_slots(logical) if settled else logical
+            if used > held:
+                raise RuntimeError(f"KVReviver request row {row} needs {used} slots but holds {held}")
             exact_start.append(pages)
             before.append(pages + num_exact)
             vague.append(num_vague)
             num_exact += q_len
             # A decoding request gets one token per step until it finishes or is
             # preempted (which restarts it empty); anything else may get a chunk.
+            # The manager tells a decode step apart the same way.
             decoding = q_len == 1 and not prefilling[row]
             decode_rows.append(decoding)
+            if not decoding and not settled and used > q_len:
+                rescored.append((row, pages, used - q_len))
             target = self.spec.compaction_target(used, logical, decoding, settled)
-            settled = settled or decoding
+            if decoding and not settled:
+                cut = self.spec.cut(logical - 1)
             if target is not None:
                 num_exact, num_vague = policy.split_budget(
                     self.spec.budget_tokens(target), num_exact, num_vague,
                     self.protected, self.store, self.candidates,
                 )
                 compactions.append((row, num_exact, num_vague))
-            self.state[first] = (num_vague, num_exact, settled)
+            self.state[first] = (num_vague, num_exact, cut)
 
+        if cuts:  # skip the freed gaps: slot s is block s // block_size of the rest
+            table_host = table_host.clone()
+            width = table_host.shape[1]
+            for row, cut in cuts.items():
+                table_host[row, cut.kept : width - cut.gap] = table_host[row, cut.prompt_blocks :].clone()
+            block_table = table_host.to(block_table.device)
         num_new = int(qsl[-1])
         token_row = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(q_lens))
         offset_in_step = torch.arange(num_new) - qsl[token_row].long()
@@ -236,6 +256,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             positions=positions.to(device),
             score_window=self.score_window,
             compactions=compactions,
+            rescored=rescored,
         )
 
 
@@ -317,6 +338,8 @@ class KVReviverAttentionImpl(AttentionImpl):
         ops.write_kv(kv_cache, key[:num_tokens], value[:num_tokens], md.slot_mapping, md.positions)
         if not self.bound:
             self._bind(layer, kv_cache)
+        for row, start, end in md.rescored:
+            sketch.reset_scores(kv_cache, md.block_table[row], start, end)
         if md.vague_tokens.any():
             ops.paged_attention_revived(
                 output[:num_tokens], query[:num_tokens], kv_cache, md.block_table,
