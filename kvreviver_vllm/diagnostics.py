@@ -13,19 +13,31 @@ if TYPE_CHECKING:  # imported in the worker, where the probes run
     import torch
 
 
-def attention_impls(worker) -> list[tuple[str, str, int | None]]:
-    """``(layer name, impl class, forward calls)`` for every attention layer."""
+def _attention_layers(worker) -> list:
+    """Every ``Attention`` module of the worker's model, in model order."""
     from vllm.model_executor.layers.attention import Attention
 
-    model = worker.model_runner.model
+    return [m for m in worker.model_runner.model.modules() if isinstance(m, Attention)]
+
+
+def _exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Softmax attention ``[Hkv, group, D]`` of queries ``q [Hkv, group, D]`` over
+    ``keys/values [Hkv, n, D]``, in their dtype."""
+    import torch
+
+    return torch.softmax(q @ keys.transpose(1, 2) * scale, dim=-1) @ values
+
+
+def attention_impls(worker) -> list[tuple[str, str, int | None]]:
+    """``(layer name, impl class, forward calls)`` for every attention layer."""
     return [
         (
             module.layer_name,
             type(module.impl).__qualname__,
             getattr(module.impl, "num_forward_calls", None),
         )
-        for module in model.modules()
-        if isinstance(module, Attention)
+        for module in _attention_layers(worker)
     ]
 
 
@@ -44,11 +56,9 @@ def install_store_checks(worker, layer_names: list[str]) -> int:
     Results accumulate on the impl (``store_checks``); read them with
     :func:`store_check_results`. Returns the number of layers wrapped.
     """
-    from vllm.model_executor.layers.attention import Attention
-
     wrapped = 0
-    for module in worker.model_runner.model.modules():
-        if isinstance(module, Attention) and module.layer_name in layer_names:
+    for module in _attention_layers(worker):
+        if module.layer_name in layer_names:
             _wrap_with_checks(module.impl)
             wrapped += 1
     return wrapped
@@ -113,8 +123,7 @@ def _wrap_with_checks(impl) -> None:
                 values = torch.cat([torch.stack([v for _, v in revived]).double(), values], 1)
             t = int(md.query_start_loc[row])
             q = query[t].double().view(impl.num_kv_heads, group, d)
-            probs = torch.softmax(q @ keys.transpose(1, 2) * impl.scale, dim=-1)
-            want = (probs @ values).view(-1, d)
+            want = _exact_attention(q, keys, values, impl.scale).view(-1, d)
             err = (output[t].double().view(-1, d) - want).abs().max().item()
             # The output is rounded to the model dtype (bf16: 2**-8 relative).
             tolerance = 2e-2 * max(1.0, want.abs().max().item())
@@ -176,16 +185,11 @@ def install_attention_error_probe(worker, steps: int) -> int:
     start when a step brings their position 0. Read the results with
     :func:`attention_error_results`. Returns the number of layers probed.
     """
-    from vllm.model_executor.layers.attention import Attention
-
     max_len = worker.model_config.max_model_len
-    probed = 0
-    for index, module in enumerate(
-        m for m in worker.model_runner.model.modules() if isinstance(m, Attention)
-    ):
+    layers = _attention_layers(worker)
+    for index, module in enumerate(layers):
         _wrap_with_error_probe(module.impl, index, steps, max_len)
-        probed += 1
-    return probed
+    return len(layers)
 
 
 @dataclass
@@ -238,8 +242,7 @@ def _wrap_with_error_probe(impl, layer_index: int, steps: int, max_len: int) -> 
             keys = shadow.keys[:p1].float().transpose(0, 1)  # [Hkv, n, D]
             values = shadow.values[:p1].float().transpose(0, 1)
             q = query[t0].float().view(impl.num_kv_heads, group, d)
-            probs = torch.softmax(q @ keys.transpose(1, 2) * impl.scale, dim=-1)
-            want = probs @ values
+            want = _exact_attention(q, keys, values, impl.scale)
             got = output[t0].float().view(impl.num_kv_heads, group, d)
             error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
             impl.attention_errors.append(
@@ -256,23 +259,17 @@ def _wrap_with_error_probe(impl, layer_index: int, steps: int, max_len: int) -> 
 def attention_error_results(worker) -> list[tuple[int, int, int, int, float]]:
     """``(request serial, prompt length, layer, decode step, relative error)`` of
     every measurement taken by :func:`install_attention_error_probe`."""
-    from vllm.model_executor.layers.attention import Attention
-
     return [
         measured
-        for module in worker.model_runner.model.modules()
-        if isinstance(module, Attention)
+        for module in _attention_layers(worker)
         for measured in getattr(module.impl, "attention_errors", [])
     ]
 
 
 def store_check_results(worker) -> list[tuple[str, bool, int, int]]:
     """``(kind, passed, n1, n2)`` of every check recorded by :func:`install_store_checks`."""
-    from vllm.model_executor.layers.attention import Attention
-
     return [
         check
-        for module in worker.model_runner.model.modules()
-        if isinstance(module, Attention)
+        for module in _attention_layers(worker)
         for check in getattr(module.impl, "store_checks", [])
     ]
