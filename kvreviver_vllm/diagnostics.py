@@ -273,3 +273,20 @@ def store_check_results(worker) -> list[tuple[str, bool, int, int]]:
         for module in _attention_layers(worker)
         for check in getattr(module.impl, "store_checks", [])
     ]
+
+
+def builder_cuts(worker) -> dict[int, tuple[int, int]]:
+    """``first block id -> (kept, prompt_blocks)`` of every request the KVReviver
+    metadata builder has cut (``KVReviverSpec.cut``), to compare with the
+    scheduler's block manager, which frees those gaps."""
+    from kvreviver_vllm.backend.common import KVReviverMetadataBuilder
+
+    cuts = {}
+    for groups in worker.model_runner.attn_groups:
+        for group in groups:
+            for builder in group.metadata_builders:
+                if isinstance(builder, KVReviverMetadataBuilder):
+                    for first, (_, _, cut) in builder.state.items():
+                        if cut is not None:
+                            cuts[first] = (cut.kept, cut.prompt_blocks)
+    return cuts

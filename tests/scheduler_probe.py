@@ -22,12 +22,15 @@ def external_id(request_id: str) -> str:
 
 def run(scenario: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(builder_cuts)
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     sys.path.insert(0, str(Path(__file__).parent))
     from prompts import make_prompt
+
+    from kvreviver_vllm.diagnostics import builder_cuts
 
     tokenizer = AutoTokenizer.from_pretrained(scenario["model"])
     kwargs = dict(model=scenario["model"], dtype=scenario.get("dtype", "bfloat16"),
@@ -48,6 +51,9 @@ def run(scenario: dict) -> dict:
 
     abort_at = {rid: step for rid, step in scenario.get("abort_at", {}).items()}
     peak_running, peak_blocks, peak_decode_blocks, preemptions, steps = 0, {}, {}, {}, 0
+    # Requests whose cut (the block-list gap freed after the first decode step)
+    # the worker's builder and the scheduler's manager agree / disagree on.
+    cuts_agreed, cuts_disagreed = set(), []
     outputs: dict[str, dict] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -71,6 +77,15 @@ def run(scenario: dict) -> dict:
         for rid, req in scheduler.requests.items():
             rid = external_id(rid)
             preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
+        if scenario.get("backend"):
+            worker_cuts = llm.collective_rpc(builder_cuts)[0]
+            for rid, prompt_end in getattr(manager, "prompt_end", {}).items():
+                want = manager.kv_cache_spec.cut(prompt_end)
+                got = worker_cuts.get(manager.req_to_blocks[rid][0].block_id)
+                if got == (want.kept, want.prompt_blocks):
+                    cuts_agreed.add(external_id(rid))
+                else:
+                    cuts_disagreed.append((external_id(rid), steps, got, (want.kept, want.prompt_blocks)))
         to_abort = [rid for rid, step in abort_at.items() if step == steps]
         if to_abort:
             engine.abort_request(to_abort)
@@ -83,6 +98,8 @@ def run(scenario: dict) -> dict:
         "peak_blocks": peak_blocks,
         "peak_decode_blocks": peak_decode_blocks,
         "preemptions": sum(preemptions.values()),
+        "cuts_agreed": sorted(cuts_agreed),
+        "cuts_disagreed": cuts_disagreed,
         "outputs": outputs,
         "steps": steps,
     }

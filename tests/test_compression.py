@@ -76,6 +76,8 @@ def test_budget_caps_blocks_and_multiplies_concurrency(model_dir, capsys):
     # step), then only its budget plus the decode room.
     assert max(ours["peak_blocks"].values()) == math.ceil((2048 + 1) / BLOCK_SIZE)
     cap = decode_cap_blocks(2048 + new, 0.1)
+    # The worker skips exactly the gap the scheduler freed, for every request.
+    assert ours["cuts_disagreed"] == [] and len(ours["cuts_agreed"]) == len(prompts)
     assert len(ours["peak_decode_blocks"]) == len(prompts)
     assert max(ours["peak_decode_blocks"].values()) <= cap
     with capsys.disabled():
@@ -99,6 +101,9 @@ def test_preemption_abort_and_mixed_lengths_return_every_block(model_dir, varian
                 variant=variant, abort_at={"1": 20}, over_admit=True)
     assert run["preemptions"] > 0
     assert run["free_at_end"] == run["free_at_start"]
+    # Preempted requests start over and are cut again, at their new prompt end.
+    assert run["cuts_disagreed"] == []
+    assert set(run["cuts_agreed"]) >= {str(rid) for rid in range(len(prompts)) if rid != 1}
     assert run["outputs"].get("1", {}).get("finish_reason", "abort") == "abort"
     for rid, n in enumerate(prompts):
         if rid != 1:

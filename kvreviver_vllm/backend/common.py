@@ -7,10 +7,12 @@ step) and the impl (the math, through ``kvreviver_vllm.ops``).
 The impl writes the KV cache itself (``forward_includes_kv_cache_update``) at
 physical slots the builder chooses: a request's exact tokens fill its slots
 ``[0, occupancy)`` in position order and each step's new tokens are appended.
-When a request outgrows its budget (``kv_cache.py``), the builder schedules a
-compaction after the step and the impl keeps the sink, the recent window and the
-best-scored tokens, moved to the front of the request's slots. With compression
-off, physical slots equal vLLM's positional slots.
+At a request's first decode step, and whenever a decoding request outgrows its
+budget (``kv_cache.py``), the builder schedules a compaction after the step and
+the impl keeps the sink, the recent window and the best-scored tokens, moved to
+the front of the request's slots. After its first decode step a request's slots
+skip the blocks the manager freed (``KVReviverSpec.cut``). With compression off,
+physical slots equal vLLM's positional slots.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ def _remember_spec_params(vllm_config: VllmConfig, config: KVReviverConfig) -> N
     _SPEC_PARAMS = dict(
         budget=float(config.budget),
         floor_tokens=config.sink + config.recent,
-        # At most this many tokens of one request arrive in a step.
         decode_room=DECODE_ROOM,
     )
 
