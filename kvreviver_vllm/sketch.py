@@ -42,6 +42,12 @@ def physical_slots(block_row: torch.Tensor, slots: torch.Tensor, block_size: int
     return block_row[slots // block_size].long(), slots % block_size
 
 
+def physical_span(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int):
+    """(block ids, offsets) of a request's physical slots ``[start, end)``."""
+    slots = torch.arange(start, end, device=kv_cache.device)
+    return physical_slots(block_row, slots, kv_cache.shape[2])
+
+
 def write_kv(
     kv_cache: torch.Tensor,
     key: torch.Tensor,
@@ -70,9 +76,7 @@ def write_kv(
 
 def slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Whole slots ``[Hkv, end - start, W]`` of one request's slots ``[start, end)``."""
-    blocks, offsets = physical_slots(
-        block_row, torch.arange(start, end, device=kv_cache.device), kv_cache.shape[2]
-    )
+    blocks, offsets = physical_span(kv_cache, block_row, start, end)
     return kv_cache[blocks, :, offsets].transpose(0, 1)
 
 
@@ -127,9 +131,7 @@ def paged_attention(
         out[q0:q1] = (probs @ values).transpose(0, 1).to(out.dtype)
         if score_window > 0:
             received = window_mass(probs, score_window, num_kv_heads)
-            blocks, offsets = physical_slots(
-                block_table[r], torch.arange(seq_len, device=q.device), kv_cache.shape[2]
-            )
+            blocks, offsets = physical_span(kv_cache, block_table[r], 0, seq_len)
             score[blocks, :, offsets] += received.transpose(0, 1)
 
 
@@ -149,9 +151,7 @@ def compact(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: torch.T
     heads = torch.arange(num_kv_heads, device=kv_cache.device)[:, None]
     src_blocks, src_offsets = physical_slots(block_row, kept_slots, block_size)
     kept = kv_cache[src_blocks, heads, src_offsets]  # a copy: sources may be overwritten
-    dst_blocks, dst_offsets = physical_slots(
-        block_row, torch.arange(keep, device=kv_cache.device), block_size
-    )
+    dst_blocks, dst_offsets = physical_span(kv_cache, block_row, 0, keep)
     kv_cache[dst_blocks[None], heads, dst_offsets[None]] = kept
     _, score = slot_meta(kv_cache)
     score[dst_blocks, :, dst_offsets] = 0.0
@@ -160,9 +160,7 @@ def compact(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: torch.T
 def request_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Scores ``[Hkv, num_slots]`` (float32) of one request's first slots."""
     _, score = slot_meta(kv_cache)
-    blocks, offsets = physical_slots(
-        block_row, torch.arange(num_slots, device=kv_cache.device), kv_cache.shape[2]
-    )
+    blocks, offsets = physical_span(kv_cache, block_row, 0, num_slots)
     return score[blocks, :, offsets].transpose(0, 1)
 
 
@@ -170,9 +168,7 @@ def request_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: i
 def reset_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> None:
     """Zero the scores of one request's slots ``[start, end)``."""
     _, score = slot_meta(kv_cache)
-    blocks, offsets = physical_slots(
-        block_row, torch.arange(start, end, device=kv_cache.device), kv_cache.shape[2]
-    )
+    blocks, offsets = physical_span(kv_cache, block_row, start, end)
     score[blocks, :, offsets] = 0.0
 
 # ---------------------------------------------------------------------------
@@ -186,10 +182,7 @@ def reset_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, en
 def write_slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int,
                      slots: torch.Tensor) -> None:
     """Write ``slots [Hkv, n, W]`` (cache dtype) to one request's slots ``[start, start + n)``."""
-    blocks, offsets = physical_slots(
-        block_row, torch.arange(start, start + slots.shape[1], device=kv_cache.device),
-        kv_cache.shape[2],
-    )
+    blocks, offsets = physical_span(kv_cache, block_row, start, start + slots.shape[1])
     kv_cache[blocks, :, offsets] = slots.transpose(0, 1)
 
 
@@ -258,9 +251,7 @@ def paged_attention_revived(
         if score_window <= 0:
             continue
         received = window_mass(probs, score_window, num_kv_heads)
-        blocks, offsets = physical_slots(
-            block_table[r], torch.arange(p, end, device=q.device), kv_cache.shape[2]
-        )
+        blocks, offsets = physical_span(kv_cache, block_table[r], p, end)
         score[blocks, :, offsets] += received[:, nv:].transpose(0, 1)
         if pages is not None:
             updated = [store.add_attention(pages[h], nv, received[h, :nv]) for h in range(num_kv_heads)]
@@ -303,10 +294,7 @@ def compact_into_store(
     first = store.slots_for(keep_vague)
     write_slot_range(kv_cache, block_row, first, kept)
     _, score = slot_meta(kv_cache)
-    blocks, offsets = physical_slots(
-        block_row, torch.arange(first, first + kept.shape[1], device=kv_cache.device),
-        kv_cache.shape[2],
-    )
+    blocks, offsets = physical_span(kv_cache, block_row, first, first + kept.shape[1])
     score[blocks, :, offsets] = 0.0
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from kvreviver_vllm.backend.common import DECODE_ROOM
+
 pytestmark = pytest.mark.engine
 
 PROBE = Path(__file__).parent / "scheduler_probe.py"
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
 CHUNK = 512  # --max-num-batched-tokens: the most tokens one request gets per step
-DECODE_ROOM = 32  # kvreviver_vllm.backend.common.DECODE_ROOM
 # Stock vLLM's bf16 page for this model: 30 layers x 3 KV heads x 32 tokens x 128 x 2 B.
 STOCK_BLOCK_BYTES = 30 * 3 * BLOCK_SIZE * 128 * 2
 
