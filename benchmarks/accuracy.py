@@ -18,17 +18,21 @@ same seeded prompts (``kvreviver_vllm.tasks``), greedy, bf16, prompts chunked at
   ``quantized-2bit`` the same at 3 and 2 bits (more tokens, coarser).
 
 Per method, budget (a fraction of each request's context), context length and task:
-accuracy (answer in the 32 greedy tokens), greedy agreement with full cache over those
-32 tokens (fraction of tokens before the first difference), and KL(full || method) of
-the first generated token's distribution over full cache's top 20 tokens plus one bucket
-for the rest (a token outside a method's top 20 gets its 20th probability, so this is a
-lower bound). The ``loss`` task reports teacher-forced next-token loss (nats/token) on
-the last eighth of a window of natural text. Attention-output error (budgeted methods;
-stock vLLM runs its own kernel, which this harness does not hook) is measured inside the
-worker on the first ``ERROR_STEPS`` decode steps of every retrieval prompt, at every layer:
-``|o - o_full| / |o_full|`` against float32 attention of the same query over every key
-and value the request wrote (``kvreviver_vllm.diagnostics.install_attention_error_probe``),
-averaged over prompts, layers and steps.
+accuracy (answer in the 32 greedy tokens) and greedy agreement with full cache over those
+32 tokens (fraction of tokens before the first difference). The ``loss`` task feeds a
+window of natural text's continuation through decode steps, teacher-forced
+(``kvreviver_vllm.teacher_forcing``), so that every scored position is served by the
+compressed cache: next-token loss (nats/token) of the forced tokens, and KL(full || method)
+of the next-token distribution at each forced position over full cache's top 20 tokens
+plus one bucket for the rest (a token outside a method's top 20 gets its 20th
+probability, so this is a lower bound). The first forced token is left out of both: the
+last prompt chunk computes it, over the exact prompt. Attention-output error (budgeted
+methods; stock vLLM runs its own kernel, which this harness does not hook) is measured
+inside the worker on the first ``ERROR_STEPS`` decode steps of every retrieval prompt, at
+every layer: ``|o - o_full| / |o_full|`` against float32 attention of the same query over
+every key and value the request wrote
+(``kvreviver_vllm.diagnostics.install_attention_error_probe``), averaged over prompts,
+layers and steps.
 
 Run:  .venv/bin/python benchmarks/accuracy.py [--quick] [--out DIR] [--seed N] [--jobs N]
 
@@ -114,7 +118,8 @@ class SampleResult:
     context: int
     correct: bool | None
     token_ids: list[int]
-    first_logprobs: dict[int, float]
+    forced_logprobs: list[dict[int, float]]
+    """``loss``: top raw logprobs (and the forced token's) at each scored forced position."""
     loss: float | None
 
 
@@ -179,49 +184,53 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
 
     from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
     from kvreviver_vllm.tasks import is_correct
+    from kvreviver_vllm.teacher_forcing import ForcedTokensLogitsProcessor, teacher_forced
 
-    max_len = max(len(s.prompt_ids) for s in samples) + MAX_TOKENS + 8
+    max_len = max(len(s.prompt_ids) + max(len(s.forced_ids), MAX_TOKENS) for s in samples) + 8
     probe = budget is not None  # stock vLLM runs its own attention kernel
     if probe:  # collective_rpc ships the probe's functions to the worker
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    retrieval = [s for s in samples if s.task != "loss"]
+    forced = [s for s in samples if s.task == "loss"]
     start = time.perf_counter()
     llm = LLM(
         model=model_dir, dtype="bfloat16", max_model_len=max_len, enforce_eager=True,
-        seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False, **kwargs,
+        seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False,
+        logits_processors=[ForcedTokensLogitsProcessor], **kwargs,
     )
     try:
         if probe:
             llm.collective_rpc(install_attention_error_probe, args=(ERROR_STEPS,))
-        generate = SamplingParams(
-            temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS
-        )
-        score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        params = [score if s.task == "loss" else generate for s in samples]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in samples], params)
+        generate = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in retrieval],
+                            generate) if retrieval else []
+        # Read before the loss prompts decode: the error is the retrieval prompts'.
         errors = llm.collective_rpc(attention_error_results)[0] if probe else []
+        forced_outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=s.prompt_ids) for s in forced],
+            [teacher_forced(s.forced_ids, TOP_LOGPROBS) for s in forced],
+        ) if forced else []
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
     run = Run(method, budget, kwargs, time.perf_counter() - start,
               attention_error=attention_error_by_context(errors, {s.context for s in samples}))
-    for sample, out in zip(samples, outs):
-        context = sample.context
-        if sample.task == "loss":
-            logprobs = [
-                step[tok].logprob
-                for tok, step in zip(sample.prompt_ids[-sample.scored_tokens :],
-                                     out.prompt_logprobs[-sample.scored_tokens :])
-            ]
-            run.results.append(SampleResult(
-                sample.task, context, None, [], {}, -statistics.fmean(logprobs)))
-            continue
+    results = {}
+    for sample, out in zip(retrieval, outs):
         completion = out.outputs[0]
-        run.results.append(SampleResult(
-            sample.task, context, is_correct(sample, completion.text),
-            list(completion.token_ids),
-            {tok: lp.logprob for tok, lp in completion.logprobs[0].items()}, None,
-        ))
+        results[id(sample)] = SampleResult(
+            sample.task, sample.context, is_correct(sample, completion.text),
+            list(completion.token_ids), [], None)
+    for sample, out in zip(forced, forced_outs):
+        completion = out.outputs[0]
+        if list(completion.token_ids) != list(sample.forced_ids):
+            raise RuntimeError(f"{method}: a loss prompt was not teacher-forced")
+        # Position 0 comes from the exact prompt; the decode steps serve the rest.
+        steps = [{tok: lp.logprob for tok, lp in step.items()} for step in completion.logprobs[1:]]
+        loss = -statistics.fmean(step[tok] for tok, step in zip(sample.forced_ids[1:], steps))
+        results[id(sample)] = SampleResult(sample.task, sample.context, None, [], steps, loss)
+    run.results = [results[id(s)] for s in samples]
     return run
 
 
@@ -256,13 +265,14 @@ def stock_run_cached(model_dir: str, method: str, kwargs: dict, samples, chunk: 
 
     key = hashlib.sha1(json.dumps(
         [method, kwargs, chunk, MAX_TOKENS, TOP_LOGPROBS, vllm.__version__, model_dir,
-         [(s.task, s.context, s.prompt_ids, s.scored_tokens) for s in samples]],
+         [(s.task, s.context, s.prompt_ids, s.forced_ids) for s in samples]],
     ).encode()).hexdigest()[:16]
     path = cache_dir / f"{method}-{key}.json"
     if path.exists():
         raw = json.loads(path.read_text())
-        results = [SampleResult(**{**r, "first_logprobs": {int(t): lp for t, lp in r["first_logprobs"].items()}})
-                   for r in raw["results"]]
+        results = [SampleResult(**{**r, "forced_logprobs": [
+            {int(t): lp for t, lp in step.items()} for step in r["forced_logprobs"]]})
+            for r in raw["results"]]
         print(f"[accuracy] {method}: reusing {path}", flush=True)
         return Run(method, None, kwargs, raw["seconds"], results)
     run = run_method(model_dir, method, None, kwargs, samples, chunk)
@@ -299,13 +309,20 @@ def agreement(a: list[int], b: list[int]) -> float:
 
 
 def top_k_kl(full: dict[int, float], other: dict[int, float]) -> float:
-    """KL(full || other) over full's top tokens plus one 'rest' bucket (nats)."""
-    floor = min(other.values())
+    """KL(full || other) over full's top tokens plus one 'rest' bucket (nats).
+    Each dict holds a position's top ``TOP_LOGPROBS`` logprobs, and may hold one more
+    (the sampled token's); a token ``other`` does not list gets its top-k-th logprob."""
+    floor = sorted(other.values(), reverse=True)[:TOP_LOGPROBS][-1]
     p = {t: math.exp(lp) for t, lp in full.items()}
     q = {t: math.exp(other.get(t, floor)) for t in full}
     p_rest, q_rest = max(1e-12, 1 - sum(p.values())), max(1e-12, 1 - sum(q.values()))
     kl = sum(pi * math.log(pi / q[t]) for t, pi in p.items() if pi > 0)
     return max(0.0, kl + p_rest * math.log(p_rest / q_rest))
+
+
+def forced_kl(full: list[dict[int, float]], other: list[dict[int, float]]) -> float:
+    """Mean :func:`top_k_kl` over the teacher-forced positions of one prompt."""
+    return statistics.fmean(top_k_kl(f, o) for f, o in zip(full, other, strict=True))
 
 
 def summarize(run: Run, reference: Run) -> list[dict]:
@@ -327,11 +344,12 @@ def summarize(run: Run, reference: Run) -> list[dict]:
         if task == "loss":
             row["loss"] = statistics.fmean(g.loss for g, _ in pairs)
             row["loss_delta"] = row["loss"] - statistics.fmean(w.loss for _, w in pairs)
+            row["kl"] = statistics.fmean(forced_kl(w.forced_logprobs, g.forced_logprobs)
+                                         for g, w in pairs)
         else:
             row["correct"] = sum(g.correct for g, _ in pairs)
             row["accuracy"] = row["correct"] / len(pairs)
             row["agreement"] = statistics.fmean(agreement(g.token_ids, w.token_ids) for g, w in pairs)
-            row["kl"] = statistics.fmean(top_k_kl(w.first_logprobs, g.first_logprobs) for g, w in pairs)
         rows.append(row)
     return rows
 
@@ -370,20 +388,24 @@ def markdown(rows: list[dict], grid: Grid, skipped: list[str],
                     r = match[0]
                     cells.append(f"{r['correct']}/{r['samples']}")
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "Fidelity (retrieval tasks pooled): greedy agreement with full cache over "
-                  f"{MAX_TOKENS} tokens, top-{TOP_LOGPROBS} KL of the first token (nats), "
-                  "attention-output relative error (mean over prompts, layers and the first "
-                  f"{ERROR_STEPS} decode steps; - for stock vLLM's kernel).", "",
-                  "| method | budget | agreement | KL | attention error |", "|---|---|---|---|---|"]
+        lines += ["", "Fidelity: greedy agreement with full cache over "
+                  f"{MAX_TOKENS} tokens (retrieval tasks pooled); the loss task's KL to full cache "
+                  f"(top-{TOP_LOGPROBS}, nats, mean over its teacher-forced decode positions); "
+                  "attention-output relative error (mean over retrieval prompts, layers and the "
+                  f"first {ERROR_STEPS} decode steps; - for stock vLLM's kernel).", "",
+                  "| method | budget | agreement | loss KL | attention error |", "|---|---|---|---|---|"]
         for method, budget in configs:
-            match = [r for r in at if (r["method"], r["budget"]) == (method, budget) and "agreement" in r]
-            if match:
-                weight = sum(r["samples"] for r in match)
-                agree = sum(r["agreement"] * r["samples"] for r in match) / weight
-                kl = sum(r["kl"] * r["samples"] for r in match) / weight
-                error = (attention_errors or {}).get((method, budget, context))
-                lines.append(f"| {method} | {'-' if budget is None else f'{budget:.0%}'} | {agree:.2f} "
-                             f"| {kl:.3f} | {'-' if error is None else f'{error:.3f}'} |")
+            mine = [r for r in at if (r["method"], r["budget"]) == (method, budget)]
+            retrieval = [r for r in mine if "agreement" in r]
+            weight = sum(r["samples"] for r in retrieval)
+            agree = sum(r["agreement"] * r["samples"] for r in retrieval) / weight if weight else None
+            kl = next((r["kl"] for r in mine if r["task"] == "loss"), None)
+            error = (attention_errors or {}).get((method, budget, context))
+            cells = [f"{agree:.2f}" if agree is not None else "-",
+                     f"{kl:.3f}" if kl is not None else "-",
+                     f"{error:.3f}" if error is not None else "-"]
+            lines.append(f"| {method} | {'-' if budget is None else f'{budget:.0%}'} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     if claims is not None:
         no_claim = sorted({f"{t} (~{c})" for r in rows for c, t in [(r["context"], r["task"])]

@@ -25,6 +25,10 @@ FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ("literature", "wisdom", "people", "humorists", "fortunes", "science")
 LONG_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
+# The loss task's continuation: an eighth of the context, at most this many tokens
+# (each is one decode step).
+MAX_FORCED_TOKENS = 256
+
 RETRIEVAL_TASKS = ("passkey-repeat", "passkey-natural", "multikey", "kv-retrieval", "variables")
 TASKS = RETRIEVAL_TASKS + ("loss",)
 
@@ -43,8 +47,10 @@ class Sample:
     """The context length the sample was built for (its prompt is about as long)."""
     answer: str
     """Text the continuation must contain; for ``loss``, empty."""
-    scored_tokens: int = 0
-    """For ``loss``: how many final prompt tokens the loss is taken over."""
+    forced_ids: tuple[int, ...] = ()
+    """For ``loss``: the text's continuation after the prompt, teacher-forced
+    through decode steps (``kvreviver_vllm.teacher_forcing``); the loss is taken
+    over it."""
 
 
 class MissingTextError(RuntimeError):
@@ -203,14 +209,22 @@ class TaskGenerator:
         return Sample("variables", ids, context_tokens, value)
 
     def _loss(self, rng, context_tokens, index, count) -> Sample:
-        """A window of the long text; the loss is over its last eighth."""
+        """A window of the long text: the prompt, then its last
+        ``forced_tokens(context)`` tokens as the forced continuation."""
         ids = self.encode(long_text())
         if len(ids) < context_tokens:
             # Shorter than the context: repeat it (the second pass is then predictable
             # from far back, which is exactly what a compressed cache must preserve).
             ids = (ids * (context_tokens // len(ids) + 1))
         start = rng.randrange(0, len(ids) - context_tokens + 1)
-        return Sample("loss", ids[start : start + context_tokens], context_tokens, "", context_tokens // 8)
+        window = ids[start : start + context_tokens]
+        split = context_tokens - forced_tokens(context_tokens)
+        return Sample("loss", window[:split], context_tokens, "", tuple(window[split:]))
+
+
+def forced_tokens(context_tokens: int) -> int:
+    """Length of the ``loss`` task's teacher-forced continuation."""
+    return min(context_tokens // 8, MAX_FORCED_TOKENS)
 
 
 def is_correct(sample: Sample, text: str) -> bool:

@@ -28,6 +28,22 @@ def test_top_k_kl_is_zero_for_equal_and_grows_with_disagreement():
     assert 0 < accuracy.top_k_kl(full, close) < accuracy.top_k_kl(full, far)
 
 
+def test_top_k_kl_floor_is_the_kth_logprob_not_a_sampled_extra(monkeypatch):
+    # A step lists its top k and, outside them, the sampled (forced) token: a token
+    # missing from it has at most the k-th probability, not the forced one's.
+    monkeypatch.setattr(accuracy, "TOP_LOGPROBS", 2)
+    full = {1: math.log(0.5), 2: math.log(0.3)}
+    other = {1: math.log(0.5), 3: math.log(0.3), 9: math.log(0.001)}  # 9: forced, outside top 2
+    assert accuracy.top_k_kl(full, other) == pytest.approx(accuracy.top_k_kl(full, other | {2: math.log(0.3)}))
+
+
+def test_forced_kl_averages_over_the_forced_positions():
+    a, b = {1: math.log(0.6), 2: math.log(0.3)}, {1: math.log(0.3), 2: math.log(0.6)}
+    assert accuracy.forced_kl([a, a], [a, b]) == pytest.approx(accuracy.top_k_kl(a, b) / 2)
+    with pytest.raises(ValueError):  # positions must pair up
+        accuracy.forced_kl([a, a], [a])
+
+
 def test_uniform_bits_is_the_widest_width_that_holds_every_token():
     slot_bytes = 264  # bf16, head size 64
     assert accuracy.uniform_bits(0.5, 2048, 64, slot_bytes, 68) == 4
@@ -65,14 +81,18 @@ def test_quick_grid_end_to_end(tmp_path, model_dir):
     for (method, task), row in rows.items():
         assert row["samples"] == grid.samples and row["context"] == grid.contexts[0]
         if task == "loss":
-            assert 0 < row["loss"] < 20
+            assert 0 < row["loss"] < 20 and row["kl"] >= 0
         else:
             assert 0 <= row["correct"] <= row["samples"]
-            assert 0 <= row["agreement"] <= 1 and row["kl"] >= 0
+            assert 0 <= row["agreement"] <= 1
     # The reference agrees with itself; its own passkeys are found at ~1k tokens.
     assert rows[("full", "passkey-repeat")]["agreement"] == 1.0
-    assert rows[("full", "passkey-repeat")]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[("full", "loss")]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[("full", "loss")]["loss_delta"] == 0.0
+    # The loss is taken on decode steps, which the compressed cache serves: at 25%
+    # the forced positions' distributions move away from the full cache's.
+    for method in ("evict", "quantized"):
+        assert rows[(method, "loss")]["kl"] > 1e-3
     assert rows[("full", "passkey-repeat")]["correct"] == grid.samples
     # The compressed runs really went through the KVReviver backend.
     configs = {r["method"]: r["config"] for r in report["runs"]}

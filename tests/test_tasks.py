@@ -25,7 +25,9 @@ def test_samples_are_seeded_and_about_the_asked_length(generator, tokenizer, tas
         assert s.task == task and s.context == context
         assert 0.85 * context <= len(s.prompt_ids) <= 1.15 * context
         if task == "loss":
-            assert s.answer == "" and s.scored_tokens == context // 8
+            # The prompt and its forced continuation are one window of the text.
+            assert s.answer == "" and len(s.forced_ids) == tasks.forced_tokens(context)
+            assert len(s.prompt_ids) + len(s.forced_ids) == context
             continue
         text = tokenizer.decode(s.prompt_ids)
         # The answer is in the prompt, before the last 10% (the recent window).
