@@ -157,13 +157,19 @@ def uniform_bits(budget: float, context: int, head_size: int, slot_bytes: int,
     return None
 
 
-def engine_kwargs(method: str, budget: float | None, bits: int | None) -> dict | None:
-    """``vllm.LLM`` keyword arguments of one method, or None where it cannot run."""
+# Config keys that define a method; ``--set`` may not override them.
+METHOD_KEYS = ("budget", "variant", "bits", "candidates")
+
+
+def engine_kwargs(method: str, budget: float | None, bits: int | None,
+                  knobs: dict | None = None) -> dict | None:
+    """``vllm.LLM`` keyword arguments of one method, or None where it cannot run.
+    ``knobs`` (``--set``) are added to every KVReviver method's config."""
     if method == "full":
         return {}
     if method == "fp8":
         return {"kv_cache_dtype": "fp8"}
-    section: dict = {"budget": budget}
+    section: dict = {"budget": budget, **(knobs or {})}
     if method == "uniform":
         if bits is None:
             return None
@@ -476,6 +482,30 @@ def write_report(args, grid: Grid, runs: list[Run], skipped: list[str],
 
 # -- main ----------------------------------------------------------------------
 
+def parse_knobs(items: list[str]) -> dict:
+    """``--set KEY=VALUE ...`` -> config keys, values read as JSON (else strings),
+    checked by the config object itself."""
+    from kvreviver_vllm.config import KVReviverConfig
+
+    knobs = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        if key in METHOD_KEYS:
+            raise SystemExit(f"--set {key}: the methods and --budgets set it; "
+                             f"allowed keys are the other kvreviver keys")
+        try:
+            knobs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            knobs[key] = raw
+    try:
+        KVReviverConfig.from_sources({"kvreviver": knobs}, environ={})
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+    return knobs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid for tests (<5 min)")
@@ -492,6 +522,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="engines run side by side, each on its own cores (default: 2, "
                         "or 1 on a 1-core machine)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="kvreviver config keys for every KVReviver method, e.g. "
+                        "recent=32 score_window=128 (recorded in the report's configs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--cache", type=Path, default=RESULTS / ".cache",
                         help="saved stock-vLLM runs (reused when prompts and settings match)")
@@ -499,6 +532,7 @@ def main() -> int:
     # One job keeps vLLM's own binding (compute on one core, the other reserved).
     shares = ["auto"] if args.jobs == 1 else core_shares(args.jobs)
 
+    knobs = parse_knobs(args.set)
     grid = QUICK if args.quick else FULL if args.grid == "full" else STANDARD
     overrides = {k: tuple(v) for k, v in dict(
         methods=args.methods, budgets=args.budgets, contexts=args.contexts, tasks=args.tasks,
@@ -541,7 +575,7 @@ def main() -> int:
         if method == "uniform":
             widths = {uniform_bits(budget, c, 64, slot_bytes, protected) for c in contexts}
             bits = None if None in widths else min(widths)
-        kwargs = engine_kwargs(method, budget, bits)
+        kwargs = engine_kwargs(method, budget, bits, knobs)
         if method == "sketch" and any(
             math.ceil(budget * c) < defaults.sketch_rows * defaults.sketch_buckets + protected
             for c in contexts

@@ -54,6 +54,20 @@ def test_uniform_bits_is_the_widest_width_that_holds_every_token():
     assert section == {"budget": 0.25, "variant": "quantized", "candidates": False, "bits": 2}
 
 
+def test_knobs_reach_every_kvreviver_method_and_are_checked():
+    knobs = accuracy.parse_knobs(["recent=32", "score_window=128"])
+    assert knobs == {"recent": 32, "score_window": 128}
+    section = accuracy.engine_kwargs("quantized-3bit", 0.1, None, knobs)["additional_config"]["kvreviver"]
+    assert section == {"budget": 0.1, "recent": 32, "score_window": 128, "variant": "quantized", "bits": 3}
+    assert accuracy.engine_kwargs("full", None, None, knobs) == {}  # stock vLLM: untouched
+    with pytest.raises(SystemExit, match="recent=0 is out of range"):
+        accuracy.parse_knobs(["recent=0"])
+    with pytest.raises(SystemExit, match="--set bits: the methods"):
+        accuracy.parse_knobs(["bits=3"])
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        accuracy.parse_knobs(["recent"])
+
+
 def test_contexts_are_shortened_to_fit_the_model_positions():
     room = 8192 - accuracy.MAX_TOKENS - 8
     assert accuracy.fit_contexts((2048, 4096, 8192), 8192) == (2048, 4096, room)
