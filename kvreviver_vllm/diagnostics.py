@@ -290,3 +290,69 @@ def builder_cuts(worker) -> dict[int, tuple[int, int]]:
                         if cut is not None:
                             cuts[first] = (cut.kept, cut.prompt_blocks)
     return cuts
+
+
+def install_coverage_probe(worker) -> int:
+    """Record, at each request's first compaction (its first decode step, where
+    the prompt is brought to budget), which prompt positions every (layer, KV head)
+    still holds: exact, or as records of the ``quantized`` store (a Count Sketch
+    holds no token as itself, so its vague part counts as nothing held).
+
+    Requests are numbered in the order their position 0 reaches the worker (the
+    order they were submitted). Read with :func:`coverage_results`. Returns the
+    number of layers probed.
+    """
+    layers = _attention_layers(worker)
+    for index, module in enumerate(layers):
+        _wrap_with_coverage_probe(module.impl, index)
+    return len(layers)
+
+
+def _wrap_with_coverage_probe(impl, layer_index: int) -> None:
+    import itertools
+
+    import torch
+
+    from kvreviver_vllm import sketch
+    from kvreviver_vllm.stores import QuantizedStore
+
+    serials: dict[int, int] = {}  # first block id -> request serial, until its first compaction
+    counter = itertools.count()  # requests reach every layer in the same order
+    impl.coverage = []  # (request serial, layer, KV head, exact positions, vague positions)
+    forward, compact = impl.forward, impl._compact
+
+    def probed_forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs):
+        if md is not None:
+            positions = md.positions.cpu()
+            for row, t0 in enumerate(md.query_start_loc[:-1].tolist()):
+                if int(positions[t0]) == 0:
+                    serials[int(md.block_table[row, 0])] = next(counter)
+        return forward(layer, query, key, value, kv_cache, md, output, *args, **kwargs)
+
+    def probed_compact(kv_cache, md, row, keep_exact, keep_vague):
+        compact(kv_cache, md, row, keep_exact, keep_vague)
+        serial = serials.pop(int(md.block_table[row, 0]), None)
+        if serial is None:  # a decoding request's later compaction
+            return
+        block_row, store, d = md.block_table[row], impl.store, impl.head_size
+        first = store.slots_for(keep_vague) if store is not None and keep_vague else 0
+        exact = sketch.slot_range(kv_cache, block_row, first, first + keep_exact)
+        exact_positions = exact[..., 2 * d :].contiguous().view(torch.int32)[..., 0]
+        pages = sketch.store_pages(kv_cache, block_row, first) if first else None
+        for h in range(exact.shape[0]):
+            vague = []
+            if isinstance(store, QuantizedStore) and keep_vague:
+                vague = store.meta(store.from_pages(pages[h], keep_vague))[0].tolist()
+            impl.coverage.append((serial, layer_index, h, exact_positions[h].tolist(), vague))
+
+    impl.forward, impl._compact = probed_forward, probed_compact
+
+
+def coverage_results(worker) -> list[tuple[int, int, int, list[int], list[int]]]:
+    """``(request serial, layer, KV head, exact positions, vague positions)`` of every
+    request's first compaction, recorded by :func:`install_coverage_probe`."""
+    return [
+        held
+        for module in _attention_layers(worker)
+        for held in getattr(module.impl, "coverage", [])
+    ]
