@@ -53,6 +53,11 @@ class KVReviverConfig:
     """Keep the best-scored older tokens exact (the Candidate part) as the budget
     allows. False: only sink + recent stay exact and every other token goes to
     the vague store, i.e. uniform low-bit quantization at the budget's memory."""
+    candidate_share: float = 0.0
+    """Where the store cannot hold every token (the budget evicts some), the share
+    of the slots past sink + recent that keep the best-scored tokens exact instead
+    of holding store records. 0: every such slot holds records (the most tokens
+    kept, none of them exact beyond sink + recent)."""
     sketch_rows: int = 3
     """Rows (independent hashes) of the Count Sketch variant."""
     sketch_buckets: int = 64
@@ -79,6 +84,7 @@ class KVReviverConfig:
             raise KVReviverConfigError(
                 f"kvreviver.candidates={self.candidates!r} is not a boolean: expected true or false"
             )
+        _check_fraction("candidate_share", self.candidate_share)
         _check_int("sketch_rows", self.sketch_rows, 1, 16)
         _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
 
@@ -139,6 +145,14 @@ def _check_int(key: str, value: Any, lo: int, hi: int) -> None:
         )
 
 
+def _check_fraction(key: str, value: Any) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not 0 <= value <= 1):
+        raise KVReviverConfigError(
+            f"kvreviver.{key}={value!r} is out of range: expected a number in [0, 1]"
+        )
+
+
 def _check_budget(value: Any) -> None:
     allowed = (
         "expected a fraction of the context in (0, 1] or a whole number of tokens "
@@ -173,6 +187,6 @@ def _parse_env_value(name: str, raw: str) -> Any:
         raise KVReviverConfigError(
             f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number"
         ) from None
-    if name == "budget":
+    if name in ("budget", "candidate_share"):
         return number
     return int(number) if number.is_integer() else number

@@ -61,15 +61,16 @@ def select_kept(
 
 def split_budget(
     budget_slots: int, exact: int, vague: int, protected: int, store: VagueStore | None,
-    candidates: bool = True,
+    candidates: bool = True, candidate_share: float = 0.0,
 ) -> tuple[int, int]:
     """``(exact kept, vague kept)`` for a compaction to ``budget_slots`` slots.
 
     ``exact`` tokens are now exact and ``vague`` are in the store; ``protected``
     (sink + recent) stay exact. Without a store the budget is all exact. With
     one, every token stays (exact or vague) if it can, with as many exact as fit
-    (only the protected ones without ``candidates``); otherwise only sink +
-    recent stay exact and the store keeps what fits, the rest being evicted.
+    (only the protected ones without ``candidates``); otherwise sink + recent
+    and ``candidate_share`` of the other slots stay exact (the best-scored
+    tokens) and the store keeps what fits in the rest, the others being evicted.
     """
     if store is None:
         return min(budget_slots, exact), 0
@@ -83,4 +84,7 @@ def split_budget(
     for keep_exact in range(min(exact, budget_slots), protected - 1, -1):
         if keep_exact + store.slots_for(total - keep_exact) <= budget_slots:
             return keep_exact, total - keep_exact
-    return protected, min(total - protected, store.capacity(budget_slots - protected))
+    # Not every token fits: precision for the best-scored, coverage for the rest.
+    keep_exact = protected + max(0, min(exact - protected,
+                                        int(candidate_share * (budget_slots - protected))))
+    return keep_exact, min(total - keep_exact, store.capacity(budget_slots - keep_exact))

@@ -49,6 +49,8 @@ def test_unknown_key_lists_allowed_keys():
         ({"sketch_buckets": 10**6}, "kvreviver.sketch_buckets=1000000 is out of range"),
         ({"score_window": 0}, "kvreviver.score_window=0 is out of range: expected an integer in [1, 8192]"),
         ({"candidates": "no"}, "kvreviver.candidates='no' is not a boolean"),
+        ({"candidate_share": 1.5}, "kvreviver.candidate_share=1.5 is out of range: expected a number in [0, 1]"),
+        ({"candidate_share": True}, "kvreviver.candidate_share=True is out of range"),
     ],
 )
 def test_other_bad_values(section, message):

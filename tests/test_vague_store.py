@@ -67,6 +67,14 @@ def test_split_budget():
     # Without candidates only sink + recent stay exact, even when more would fit.
     assert policy.split_budget(1024, 2048, 0, 68, store, candidates=False) == (68, 1980)
     assert policy.split_budget(205, 2048, 0, 68, store, candidates=False) == (68, 411)
+    # candidate_share: where not everything fits, that share of the slots past sink +
+    # recent stays exact (137 * 0.25 = 34), the store fills the other 103 slots.
+    assert policy.split_budget(205, 2048, 0, 68, store, candidate_share=0.25) == (102, 309)
+    assert policy.split_budget(205, 2048, 0, 68, store, candidate_share=1.0) == (205, 0)
+    assert policy.split_budget(205, 80, 500, 68, store, candidate_share=0.5) == (80, 375)  # only 80 exact
+    # ... and changes nothing where every token fits.
+    assert policy.split_budget(1024, 2048, 0, 68, store, candidate_share=0.25) == \
+        policy.split_budget(1024, 2048, 0, 68, store)
     # No store (evict, streaming): the budget is all exact.
     assert policy.split_budget(205, 2048, 0, 68, None) == (205, 0)
     # A sketch costs its buckets first, then 66 positions a slot.

@@ -159,6 +159,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         self.score_window = config.score_window if scores else 0
         self.protected = config.sink + config.recent
         self.candidates = config.candidates
+        self.candidate_share = config.candidate_share
         self.store = make_store(
             config, kv_cache_spec.head_size, kv_cache_spec.state_content_size_bytes,
             kv_cache_spec.dtype,
@@ -220,7 +221,7 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
             if target is not None:
                 num_exact, num_vague = policy.split_budget(
                     self.spec.budget_tokens(target), num_exact, num_vague,
-                    self.protected, self.store, self.candidates,
+                    self.protected, self.store, self.candidates, self.candidate_share,
                 )
                 compactions.append((row, num_exact, num_vague))
             self.state[first] = (num_vague, num_exact, cut)
