@@ -12,7 +12,9 @@ to budget), which prompt positions every (layer, KV head) still holds
   one copy of the answer's digits, exact or in the store;
 * ``exact``: the same, counting exact tokens only;
 * ``tokens``: prompt tokens held per (layer, KV head), as a fraction of the prompt;
-* ``held`` among the prompts answered correctly and among the others.
+* ``held`` among the prompts answered correctly and among the others, both counted only
+  where stock vLLM with the full cache answers (run first, for that alone): a prompt the
+  model misses anyway says nothing about compression.
 
 Run:  .venv/bin/python benchmarks/needle_coverage.py [--quick] [--budgets ...] [--methods ...] [--seed N]
 
@@ -50,31 +52,49 @@ def holds(positions: set[int], copies: list[range]) -> bool:
     return any(all(p in positions for p in copy) for copy in copies)
 
 
-def run_config(model_dir: str, method: str, budget: float, samples, chunk: int, tokenizer):
-    """Per sample: correct, and per (layer, head) whether the answer is held (any / exact)
-    and how many prompt tokens are held."""
+def generate(model_dir: str, kwargs: dict, samples, chunk: int, probe: bool):
+    """Greedy outputs of every sample and, with ``probe``, what the coverage probe saw."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from kvreviver_vllm.diagnostics import coverage_results, install_coverage_probe
-    from kvreviver_vllm.tasks import is_correct
 
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships the probe
     llm = LLM(
         model=model_dir, dtype="bfloat16",
         max_model_len=max(len(s.prompt_ids) for s in samples) + accuracy.MAX_TOKENS + 8,
         enforce_eager=True, seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False,
-        **accuracy.engine_kwargs(method, budget, None),
+        **kwargs,
     )
     try:
-        llm.collective_rpc(install_coverage_probe)
+        if probe:
+            llm.collective_rpc(install_coverage_probe)
         params = SamplingParams(temperature=0.0, max_tokens=accuracy.MAX_TOKENS, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in samples], params)
-        held = llm.collective_rpc(coverage_results)[0]
+        held = llm.collective_rpc(coverage_results)[0] if probe else []
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+    return outs, held
+
+
+def full_cache_answers(model_dir: str, samples, chunk: int) -> list[bool]:
+    """Whether stock vLLM with the full cache answers each sample."""
+    from kvreviver_vllm.tasks import is_correct
+
+    outs, _ = generate(model_dir, {}, samples, chunk, probe=False)
+    return [is_correct(s, o.outputs[0].text) for s, o in zip(samples, outs)]
+
+
+def run_config(model_dir: str, method: str, budget: float, samples, chunk: int, tokenizer,
+               full_correct: list[bool]):
+    """Per sample: correct (and whether the full cache is), and per (layer, head) whether
+    the answer is held (any / exact) and how many prompt tokens are held."""
+    from kvreviver_vllm.tasks import is_correct
+
+    outs, held = generate(model_dir, accuracy.engine_kwargs(method, budget, None), samples,
+                          chunk, probe=True)
     by_request: dict[int, list[tuple[list[int], list[int]]]] = {}
     for serial, _, _, exact, vague in held:
         by_request.setdefault(serial, []).append((exact, vague))
@@ -95,6 +115,7 @@ def run_config(model_dir: str, method: str, budget: float, samples, chunk: int, 
             exact_held.append(holds(exact_set, copies))
             tokens.append(len(all_set) / prompt_len)
         rows.append(dict(task=sample.task, correct=is_correct(sample, out.outputs[0].text),
+                         full_correct=full_correct[serial],
                          held=statistics.fmean(any_held), exact=statistics.fmean(exact_held),
                          tokens=statistics.fmean(tokens), pairs=len(pairs)))
     return rows
@@ -104,11 +125,13 @@ def summarize(method: str, budget: float, per_sample: list[dict]) -> list[dict]:
     out = []
     for task in dict.fromkeys(r["task"] for r in per_sample):
         mine = [r for r in per_sample if r["task"] == task]
-        right = [r["held"] for r in mine if r["correct"]]
-        wrong = [r["held"] for r in mine if not r["correct"]]
+        # Among the prompts the full cache answers: a miss there is compression's.
+        right = [r["held"] for r in mine if r["correct"] and r["full_correct"]]
+        wrong = [r["held"] for r in mine if not r["correct"] and r["full_correct"]]
         out.append(dict(
             method=method, budget=budget, task=task, samples=len(mine),
             correct=sum(r["correct"] for r in mine),
+            full_correct=sum(r["full_correct"] for r in mine),
             held=statistics.fmean(r["held"] for r in mine),
             exact=statistics.fmean(r["exact"] for r in mine),
             tokens=statistics.fmean(r["tokens"] for r in mine),
@@ -122,10 +145,13 @@ def markdown(rows: list[dict]) -> str:
     def pct(x):
         return "-" if x is None else f"{x:.0%}"
 
-    lines = ["| method | budget | task | correct | held | exact | tokens held | held (correct) | held (wrong) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Held (right) and held (wrong): among the prompts the full cache answers.", "",
+             "| method | budget | task | correct | full cache | held | exact | tokens held "
+             "| held (right) | held (wrong) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget']:.0%} | {r['task']} | {r['correct']}/{r['samples']} "
+                     f"| {r['full_correct']}/{r['samples']} "
                      f"| {pct(r['held'])} | {pct(r['exact'])} | {pct(r['tokens'])} "
                      f"| {pct(r['held_correct'])} | {pct(r['held_wrong'])} |")
     return "\n".join(lines)
@@ -183,12 +209,16 @@ def main() -> int:
     generator = TaskGenerator(tokenizer)
     samples = [s for task in args.tasks
                for s in generator.samples(task, args.context, args.samples, args.seed)]
-    rows, seconds = [], {}
+    start = time.perf_counter()
+    full_correct = full_cache_answers(model_dir, samples, args.chunk)
+    rows, seconds, per_samples = [], {"full": time.perf_counter() - start}, {}
     for budget in args.budgets:
         for method in args.methods:
             start = time.perf_counter()
-            per_sample = run_config(model_dir, method, budget, samples, args.chunk, tokenizer)
+            per_sample = run_config(model_dir, method, budget, samples, args.chunk, tokenizer,
+                                    full_correct)
             seconds[f"{method}@{budget:g}"] = time.perf_counter() - start
+            per_samples[f"{method}@{budget:g}"] = per_sample
             rows += summarize(method, budget, per_sample)
             print(f"[needle_coverage] {method}@{budget:g}: {seconds[f'{method}@{budget:g}']:.0f} s", flush=True)
     table = markdown(rows)
@@ -198,6 +228,7 @@ def main() -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=command, seed=args.seed, context=args.context, seconds=seconds, rows=rows,
+        samples=per_samples,
     ), indent=1))
     (args.out / f"{stem}.md").write_text(
         f"Command: `python benchmarks/{command}` (seed {args.seed}, ~{args.context} tokens)\n\n{table}\n")

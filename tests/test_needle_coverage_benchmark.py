@@ -34,3 +34,5 @@ def test_quick_coverage_end_to_end(tmp_path, model_dir):
     assert rows["evict"]["tokens"] == pytest.approx(0.25, abs=0.01)
     assert rows["quantized"]["tokens"] > 2 * rows["evict"]["tokens"]
     assert "| quantized | 25% |" in (tmp_path / "coverage_quick.md").read_text()
+    # The split by answer counts only prompts the full cache answers (here: all).
+    assert all(r["full_correct"] == 2 for r in report["rows"])
