@@ -38,9 +38,16 @@ def test_quick_run_serves_every_request_on_both_engines(tmp_path, model_dir):
     for r in rows:
         expected = setup.requests if r["scenario"] == "pressure" else int(r["load"][1:].split("@")[0])
         assert (r["completed"], r["failed"]) == (expected, 0), r
-        assert r["output_tok_s"] > 0 and r["tpot_median_ms"] > 0 and r["peak_running"] >= 1
+        assert r["output_tok_s"] > 0 and r["tpot_median_ms"] > 0
+        if r["scenario"] == "pressure":
+            assert r["peak_running"] >= 1
+        else:  # /metrics is sampled every 0.25 s: it may miss a sub-second request
+            assert 0 <= r["peak_running"] <= expected
         assert r["num_blocks"] > 0
-        assert r["peak_running_x"] is not None  # a stock row exists for every load
+    # A stock row exists for every load (its ratios' reference).
+    stock_loads = {(r["scenario"], r["load"]) for r in rows if r["config"] == "stock"}
+    assert {(r["scenario"], r["load"]) for r in rows} == stock_loads
+    assert all(r["peak_running_x"] is not None for r in rows if r["scenario"] == "pressure")
     # Same KV bytes for both engines under pressure; stock's pool holds
     # pool_requests requests, ours more (a decoding request holds its budget).
     pressure = {r["config"]: r for r in rows if r["scenario"] == "pressure"}
