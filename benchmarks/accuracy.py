@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import gc
 import json
@@ -183,9 +184,27 @@ def engine_kwargs(method: str, budget: float | None, bits: int | None,
 
 # -- running -------------------------------------------------------------------
 
+@contextlib.contextmanager
+def engine(model_dir: str, max_len: int, chunk: int, **kwargs):
+    """The offline engine every benchmark configuration runs on (bf16, eager, prompts
+    chunked at ``chunk`` tokens, no prefix cache), shut down on exit."""
+    from vllm import LLM
+
+    llm = LLM(
+        model=model_dir, dtype="bfloat16", max_model_len=max_len, enforce_eager=True,
+        seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False, **kwargs,
+    )
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
 def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
                samples, chunk: int) -> Run:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
@@ -199,12 +218,8 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
     retrieval = [s for s in samples if s.task != "loss"]
     forced = [s for s in samples if s.task == "loss"]
     start = time.perf_counter()
-    llm = LLM(
-        model=model_dir, dtype="bfloat16", max_model_len=max_len, enforce_eager=True,
-        seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False,
-        logits_processors=[ForcedTokensLogitsProcessor], **kwargs,
-    )
-    try:
+    with engine(model_dir, max_len, chunk, logits_processors=[ForcedTokensLogitsProcessor],
+                **kwargs) as llm:
         if probe:
             llm.collective_rpc(install_attention_error_probe, args=(ERROR_STEPS,))
         generate = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -216,10 +231,6 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
             [TokensPrompt(prompt_token_ids=s.prompt_ids) for s in forced],
             [teacher_forced(s.forced_ids, TOP_LOGPROBS) for s in forced],
         ) if forced else []
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     run = Run(method, budget, kwargs, time.perf_counter() - start,
               attention_error=attention_error_by_context(errors, {s.context for s in samples}))
     results = {}

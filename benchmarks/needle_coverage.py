@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -54,28 +53,19 @@ def holds(positions: set[int], copies: list[range]) -> bool:
 
 def generate(model_dir: str, kwargs: dict, samples, chunk: int, probe: bool):
     """Greedy outputs of every sample and, with ``probe``, what the coverage probe saw."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from kvreviver_vllm.diagnostics import coverage_results, install_coverage_probe
 
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships the probe
-    llm = LLM(
-        model=model_dir, dtype="bfloat16",
-        max_model_len=max(len(s.prompt_ids) for s in samples) + accuracy.MAX_TOKENS + 8,
-        enforce_eager=True, seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False,
-        **kwargs,
-    )
-    try:
+    max_len = max(len(s.prompt_ids) for s in samples) + accuracy.MAX_TOKENS + 8
+    with accuracy.engine(model_dir, max_len, chunk, **kwargs) as llm:
         if probe:
             llm.collective_rpc(install_coverage_probe)
         params = SamplingParams(temperature=0.0, max_tokens=accuracy.MAX_TOKENS, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=s.prompt_ids) for s in samples], params)
         held = llm.collective_rpc(coverage_results)[0] if probe else []
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
     return outs, held
 
 
