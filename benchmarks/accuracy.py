@@ -572,7 +572,7 @@ def main() -> int:
         for context in grid.contexts
     }
 
-    defaults = KVReviverConfig()
+    defaults = KVReviverConfig(**knobs)  # --set recent/sink change what uniform must hold
     slot_bytes = slot_width(64, torch.bfloat16) * 2
     protected = defaults.sink + defaults.recent
     plan, skipped = [], []  # (method, budget, kwargs, contexts) to run, labels that cannot
