@@ -17,6 +17,7 @@ to budget), which prompt positions every (layer, KV head) still holds
   model misses anyway says nothing about compression.
 
 Run:  .venv/bin/python benchmarks/needle_coverage.py [--quick] [--budgets ...] [--methods ...] [--seed N]
+      [--set KEY=VALUE ...]
 
 Writes ``coverage.json``, ``coverage.md`` and ``coverage.png`` to ``--out`` (default
 ``benchmarks/results/coverage``).
@@ -78,12 +79,12 @@ def full_cache_answers(model_dir: str, samples, chunk: int) -> list[bool]:
 
 
 def run_config(model_dir: str, method: str, budget: float, samples, chunk: int, tokenizer,
-               full_correct: list[bool]):
+               full_correct: list[bool], knobs: dict | None = None):
     """Per sample: correct (and whether the full cache is), and per (layer, head) whether
     the answer is held (any / exact) and how many prompt tokens are held."""
     from kvreviver_vllm.tasks import is_correct
 
-    outs, held = generate(model_dir, accuracy.engine_kwargs(method, budget, None), samples,
+    outs, held = generate(model_dir, accuracy.engine_kwargs(method, budget, None, knobs), samples,
                           chunk, probe=True)
     by_request: dict[int, list[tuple[list[int], list[int]]]] = {}
     for serial, _, _, exact, vague in held:
@@ -180,8 +181,11 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8, help="prompts per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="kvreviver config keys for every method, as in accuracy.py")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    knobs = accuracy.parse_knobs(args.set)
     if args.quick:
         args.budgets, args.context, args.tasks, args.samples = [0.25], 1024, ["passkey-repeat"], 2
     bad = [b for b in args.budgets if not 0 < b < 1]
@@ -206,7 +210,7 @@ def main() -> int:
         for method in args.methods:
             start = time.perf_counter()
             per_sample = run_config(model_dir, method, budget, samples, args.chunk, tokenizer,
-                                    full_correct)
+                                    full_correct, knobs)
             seconds[f"{method}@{budget:g}"] = time.perf_counter() - start
             per_samples[f"{method}@{budget:g}"] = per_sample
             rows += summarize(method, budget, per_sample)
@@ -217,7 +221,7 @@ def main() -> int:
     stem = "coverage_quick" if args.quick else "coverage"
     (args.out / f"{stem}.json").write_text(json.dumps(dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=command, seed=args.seed, context=args.context, seconds=seconds, rows=rows,
+        command=command, seed=args.seed, context=args.context, knobs=knobs, seconds=seconds, rows=rows,
         samples=per_samples,
     ), indent=1))
     (args.out / f"{stem}.md").write_text(
