@@ -60,6 +60,11 @@ class KVReviverConfig:
     of the slots past sink + recent that keep the best-scored tokens exact instead
     of holding store records. 0: every such slot holds records (the most tokens
     kept, none of them exact beyond sink + recent)."""
+    low_bits: int = 0
+    """Research (PyTorch only): a second, lower bit width for the store's
+    lower-ranked records (0: one width)."""
+    high_share: float = 0.5
+    """With ``low_bits``: share of the store's records kept at ``bits``."""
     sketch_rows: int = 3
     """Rows (independent hashes) of the Count Sketch variant."""
     sketch_buckets: int = 64
@@ -87,6 +92,16 @@ class KVReviverConfig:
                 f"kvreviver.candidates={self.candidates!r} is not a boolean: expected true or false"
             )
         _check_fraction("candidate_share", self.candidate_share)
+        if self.low_bits != 0 and (
+            isinstance(self.low_bits, bool) or self.low_bits not in QUANT_BITS
+            or self.low_bits >= self.bits
+        ):
+            raise KVReviverConfigError(
+                f"kvreviver.low_bits={self.low_bits!r} is not supported: allowed values are 0 "
+                f"(off) or one of {', '.join(str(b) for b in QUANT_BITS if b < self.bits)} "
+                f"(below bits={self.bits})"
+            )
+        _check_fraction("high_share", self.high_share)
         _check_int("sketch_rows", self.sketch_rows, 1, 16)
         _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
 
@@ -189,6 +204,6 @@ def _parse_env_value(name: str, raw: str) -> Any:
         raise KVReviverConfigError(
             f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number"
         ) from None
-    if name in ("budget", "candidate_share"):
+    if name in ("budget", "candidate_share", "high_share"):
         return number
     return int(number) if number.is_integer() else number

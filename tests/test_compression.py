@@ -126,12 +126,15 @@ def test_preempted_requests_resume_exactly(model_dir):
         assert ours["outputs"][rid]["token_ids"] == stock["outputs"][rid]["token_ids"], rid
 
 
-@pytest.mark.parametrize("variant", ["quantized", "sketch", "evict"])
-def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, variant):
+@pytest.mark.parametrize("variant, extra", [
+    ("quantized", {}), ("sketch", {}), ("evict", {}),
+    ("quantized", {"low_bits": 3}),  # the mixed-width research store
+], ids=["quantized", "sketch", "evict", "mixed"])
+def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, variant, extra):
     """Checks run inside the worker on the real paged cache (see
     kvreviver_vllm.diagnostics.install_store_checks): every compaction stores exactly
-    the demoted tokens, every decode step attends over exactly the revived store plus
-    the exact slots."""
+    the demoted tokens (keeps the selected exact slots, for the mixed store), every
+    decode step attends over exactly the revived store plus the exact slots."""
     import os
 
     from vllm import LLM, SamplingParams
@@ -145,7 +148,7 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
               attention_backend="kvreviver", enable_prefix_caching=False,
               max_num_batched_tokens=CHUNK, block_size=BLOCK_SIZE,
               kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
-              additional_config={"kvreviver": {"budget": 0.25, "variant": variant}})
+              additional_config={"kvreviver": {"budget": 0.25, "variant": variant, **extra}})
     try:
         layers = ["model.layers.0.self_attn.attn", "model.layers.15.self_attn.attn",
                   "model.layers.29.self_attn.attn"]

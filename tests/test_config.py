@@ -51,6 +51,9 @@ def test_unknown_key_lists_allowed_keys():
         ({"candidates": "no"}, "kvreviver.candidates='no' is not a boolean"),
         ({"candidate_share": 1.5}, "kvreviver.candidate_share=1.5 is out of range: expected a number in [0, 1]"),
         ({"candidate_share": True}, "kvreviver.candidate_share=True is out of range"),
+        ({"low_bits": 4}, "kvreviver.low_bits=4 is not supported: allowed values are 0 (off) or one of 2, 3 (below bits=4)"),
+        ({"low_bits": 1}, "kvreviver.low_bits=1 is not supported"),
+        ({"high_share": -0.1}, "kvreviver.high_share=-0.1 is out of range: expected a number in [0, 1]"),
     ],
 )
 def test_other_bad_values(section, message):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvreviver_vllm import policy, sketch
-from kvreviver_vllm.stores import CountSketchStore, QuantizedStore
+from kvreviver_vllm.stores import CountSketchStore, MixedQuantizedStore, QuantizedStore
 from test_reference_ops import build_cache, request_meta
 
 SLOT_BYTES = sketch.slot_width(64, torch.bfloat16) * 2  # 264
@@ -249,3 +249,45 @@ def test_count_sketch_keeps_the_newest_positions_when_full():
     pages = store.absorb(torch.zeros(0, SLOT_BYTES, dtype=torch.uint8), 0, keys, keys,
                          torch.arange(100), torch.zeros(100), 70, seed=0)
     assert store.positions_of(pages, 70).tolist() == list(range(30, 100))
+
+
+def test_mixed_store_keeps_the_best_ranked_records_at_the_high_width():
+    """``low_bits``: the best-ranked ``high_share`` of the kept records at ``bits``,
+    the rest at ``low_bits``; revival and attention scores follow page order."""
+    store = MixedQuantizedStore(64, 4, 2, 0.25, SLOT_BYTES)
+    assert store.slots_for(0) == 0
+    for slots in (0, 1, 5, 40):  # capacity is the most tokens slots_for admits
+        n = store.capacity(slots)
+        assert store.slots_for(n) <= slots < store.slots_for(n + 1)
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 40, 64, generator=gen)
+    scores = torch.rand(40, generator=gen)
+    empty = torch.zeros(0, SLOT_BYTES, dtype=torch.uint8)
+    pages = store.absorb(empty, 0, keys, values, torch.arange(40), scores, 12, seed=0)
+    assert pages.shape[0] == store.slots_for(12)
+    pooled = policy.pooled_scores(scores[None])[0]
+    best = pooled.sort(descending=True, stable=True).indices[:12]
+    high, low = best[:3].sort().values, best[3:].sort().values
+    rk, rv = store.revive(pages, 12, seed=0)
+    want_k = torch.cat([reference_quantize(keys[high], 4, 32), reference_quantize(keys[low], 2, 32)])
+    want_v = torch.cat([reference_quantize(values[high], 4, 32), reference_quantize(values[low], 2, 32)])
+    torch.testing.assert_close(rk, want_k, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(rv, want_v, atol=1e-3, rtol=1e-3)
+    # Attention received lands on the record it was given to, in page order.
+    received = torch.arange(12, dtype=torch.float32)
+    pages = store.add_attention(pages, 12, received)
+    hi_part, lo_part = store._parts(pages, 12)
+    assert store.high.meta(hi_part)[1].tolist() == received[:3].tolist()
+    assert store.low.meta(lo_part)[1].tolist() == received[3:].tolist()
+    # A second compaction ranks old records (by their new scores) with the new
+    # tokens, by position-pooled score, and the two best of its 8 are high-width.
+    more_k = torch.randn(4, 64, generator=gen)
+    old_pos = torch.cat([high, low])
+    pages = store.absorb(pages, 12, more_k, more_k, torch.arange(40, 44), torch.zeros(4), 8, seed=0)
+    all_pos = torch.cat([old_pos, torch.arange(40, 44)])
+    all_scores = torch.cat([received, torch.zeros(4)])
+    order = all_pos.argsort()
+    ranked = policy.pooled_scores(all_scores[order][None])[0].sort(descending=True, stable=True).indices
+    hi_part, lo_part = store._parts(pages, 8)
+    assert store.high.meta(hi_part)[0].tolist() == all_pos[order][ranked[:2]].sort().values.tolist()
+    assert store.low.meta(lo_part)[0].tolist() == all_pos[order][ranked[2:8]].sort().values.tolist()

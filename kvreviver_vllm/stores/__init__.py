@@ -6,18 +6,28 @@ One module per store behind ``VagueStore``; ``make_store`` picks the variant's.
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 
 from kvreviver_vllm.config import KVReviverConfig
 from kvreviver_vllm.stores.base import VagueStore
 from kvreviver_vllm.stores.count_sketch import CountSketchStore
+from kvreviver_vllm.stores.mixed import MixedQuantizedStore
 from kvreviver_vllm.stores.quantized import QuantizedStore
 
-__all__ = ["CountSketchStore", "QuantizedStore", "VagueStore", "make_store"]
+__all__ = ["CountSketchStore", "MixedQuantizedStore", "QuantizedStore", "VagueStore", "make_store"]
+
+logger = init_logger(f"vllm.{__name__}")
 
 
 def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
                dtype: torch.dtype) -> VagueStore | None:
     """The variant's vague store, or None for the variants without one."""
+    if config.variant == "quantized" and config.low_bits:
+        logger.warning_once(
+            "kvreviver.low_bits=%d: the mixed-width store is a research store and runs "
+            "the PyTorch reference ops (slow)", config.low_bits)
+        return MixedQuantizedStore(head_size, config.bits, config.low_bits, config.high_share,
+                                   slot_bytes)
     if config.variant == "quantized":
         return QuantizedStore(head_size, config.bits, slot_bytes)
     if config.variant == "sketch":
