@@ -132,9 +132,10 @@ def test_preempted_requests_resume_exactly(model_dir):
 ], ids=["quantized", "sketch", "evict", "mixed"])
 def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, variant, extra):
     """Checks run inside the worker on the real paged cache (see
-    kvreviver_vllm.diagnostics.install_store_checks): every compaction stores exactly
-    the demoted tokens (keeps the selected exact slots, for the mixed store), every
-    decode step attends over exactly the revived store plus the exact slots."""
+    kvreviver_vllm.diagnostics.install_store_checks): every compaction keeps the
+    selected exact slots and stores exactly the demoted tokens (the mixed store: the
+    former only; test_vague_store checks its records), every decode step attends
+    over exactly the revived store plus the exact slots."""
     import os
 
     from vllm import LLM, SamplingParams
