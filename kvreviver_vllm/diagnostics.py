@@ -20,13 +20,6 @@ def _attention_layers(worker) -> list:
     return [m for m in worker.model_runner.model.modules() if isinstance(m, Attention)]
 
 
-def _slot_positions(slots: torch.Tensor, head_size: int) -> torch.Tensor:
-    """Positions (int32) of whole slots ``[..., W]`` read from the paged cache."""
-    import torch
-
-    return slots[..., 2 * head_size :].contiguous().view(torch.int32)[..., 0]
-
-
 def _exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Softmax attention ``[Hkv, group, D]`` of queries ``q [Hkv, group, D]`` over
@@ -96,7 +89,7 @@ def _wrap_with_checks(impl) -> None:
         first = store.slots_for(keep_vague) if store else 0
         exact_now = sketch.slot_range(kv_cache, block_row, first, first + keep_exact)
         pages = sketch.store_pages(kv_cache, block_row, first)
-        positions = _slot_positions(exact, d)
+        positions = sketch.slot_meta(exact)[0]
         ok = True
         for h in range(exact.shape[0]):
             ok &= torch.equal(exact_now[h, :, : 2 * d], exact[h, kept[h], : 2 * d])
@@ -339,10 +332,10 @@ def _wrap_with_coverage_probe(impl, layer_index: int) -> None:
         serial = serials.pop(int(md.block_table[row, 0]), None)
         if serial is None:  # a decoding request's later compaction
             return
-        block_row, store, d = md.block_table[row], impl.store, impl.head_size
+        block_row, store = md.block_table[row], impl.store
         first = store.slots_for(keep_vague) if store is not None and keep_vague else 0
         exact = sketch.slot_range(kv_cache, block_row, first, first + keep_exact)
-        exact_positions = _slot_positions(exact, d)
+        exact_positions = sketch.slot_meta(exact)[0]
         pages = sketch.store_pages(kv_cache, block_row, first) if first else None
         for h in range(exact.shape[0]):
             vague = []

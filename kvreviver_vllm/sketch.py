@@ -277,8 +277,7 @@ def compact_into_store(
     head_size = head_size_of(kv_cache)
     exact = slot_range(kv_cache, block_row, exact_start, seq_len)  # copies
     old_pages = store_pages(kv_cache, block_row, exact_start)
-    meta = exact[..., 2 * head_size :].contiguous().view(torch.int32)
-    positions, scores = meta[..., 0], meta[..., 1].view(torch.float32)
+    positions, scores = slot_meta(exact)
     new_pages, new_exact = [], []
     for h in range(kv_cache.shape[1]):
         demoted = torch.ones(exact.shape[1], dtype=torch.bool)
