@@ -560,17 +560,18 @@ void paged_attention_quantized_cpu(
     const torch::Tensor& block_table, const torch::Tensor& exact_start,
     const torch::Tensor& seq_lens, const torch::Tensor& vague_tokens,
     const torch::Tensor& query_start_loc, double scale, int64_t score_window,
-    int64_t bits, int64_t group) {
+    int64_t bits, int64_t group, int64_t value_bits) {
   check_attention_args(out, query, kv_cache, block_table, seq_lens,
                        query_start_loc);
   const int64_t d = query.size(2);
-  check_store_layout(d, bits, group);
+  check_store_layout(d, bits, group, value_bits);
   TORCH_CHECK(exact_start.numel() == seq_lens.numel() &&
                   vague_tokens.numel() == seq_lens.numel(),
               "exact_start and vague_tokens need one entry per request");
   const auto starts = exact_start.to(torch::kInt64).contiguous();
   const auto counts = vague_tokens.to(torch::kInt64).contiguous();
-  QuantizedRecords store{starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), {bits, group}};
+  QuantizedRecords store{starts.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
+                         {bits, group, value_bits}};
   const int64_t slot_bytes = kv_cache.size(3) * kv_cache.element_size();
   const int64_t record_bytes = store.layout.record_bytes(d);
   TORCH_CHECK(record_bytes % 4 == 0 && slot_bytes % 4 == 0,

@@ -23,7 +23,8 @@ TORCH_LIBRARY(kvreviver, m) {
   m.def(
       "paged_attention_quantized(Tensor(a!) out, Tensor query, Tensor(b!) kv_cache, "
       "Tensor block_table, Tensor exact_start, Tensor seq_lens, Tensor vague_tokens, "
-      "Tensor query_start_loc, float scale, int score_window, int bits, int group) -> ()");
+      "Tensor query_start_loc, float scale, int score_window, int bits, int group, "
+      "int value_bits=0) -> ()");
   // Compaction of one request (block_row [width]), per KV head: move its slots
   // kept_slots [Hkv, keep] (ascending) to slots [0, keep), scores reset.
   m.def("compact_slots(Tensor(a!) kv_cache, Tensor block_row, Tensor kept_slots) -> ()");
@@ -34,15 +35,18 @@ TORCH_LIBRARY(kvreviver, m) {
   // slots right after; every score reset.
   m.def(
       "compact_quantized(Tensor(a!) kv_cache, Tensor block_row, int exact_start, int seq_len, "
-      "int num_vague, Tensor kept_exact, int keep_vague, int bits, int group) -> ()");
+      "int num_vague, Tensor kept_exact, int keep_vague, int bits, int group, "
+      "int value_bits=0) -> ()");
   // Records uint8 [N, record_bytes] of tokens keys/values [N, D] (quantized
-  // per group of channels at `bits` bits), with their positions and scores.
+  // per group of channels, keys at `bits` bits, values at `value_bits`, 0: the
+  // same), with their positions and scores. Every quantized-store op takes the
+  // same (bits, group, value_bits).
   m.def(
       "quantize_records(Tensor keys, Tensor values, Tensor positions, Tensor scores, "
-      "int bits, int group) -> Tensor");
+      "int bits, int group, int value_bits=0) -> Tensor");
   // Keys and values float32 [N, D] of records.
   m.def(
-      "dequantize_records(Tensor records, int head_size, int bits, int group) "
+      "dequantize_records(Tensor records, int head_size, int bits, int group, int value_bits=0) "
       "-> (Tensor, Tensor)");
   // Adds keys/values [N, D], signed, to their buckets of the float32
   // [rows, buckets, D] sums; hashes from positions and coefficients [rows, 4].

@@ -173,7 +173,7 @@ void compact_slots_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
 void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
                            int64_t exact_start, int64_t seq_len, int64_t num_vague,
                            const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
-                           int64_t group) {
+                           int64_t group, int64_t value_bits) {
   check_slot_cache(kv_cache);
   const auto row = request_block_row(block_row, kv_cache);
   const int64_t capacity = row.numel() * kv_cache.size(2);
@@ -182,8 +182,8 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
                                  kv_cache.device());
   const int64_t num_kept = kept.size(1);
   check_quantized_compaction(kv_cache, capacity, exact_start, seq_len, num_vague, num_kept,
-                             keep_vague, bits, group);
-  const RecordLayout layout{bits, group};
+                             keep_vague, bits, group, value_bits);
+  const RecordLayout layout{bits, group, value_bits};
   const RequestSlots slots = request_slots(kv_cache, row);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::BFloat16, at::ScalarType::Half, kv_cache.scalar_type(),

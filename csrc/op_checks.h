@@ -14,11 +14,17 @@ namespace kvreviver {
 
 constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1: sketch hash modulus
 
-// Bit width and channel group of a quantized store.
-inline void check_store_layout(int64_t head_size, int64_t bits, int64_t group) {
+// Bit widths (keys; values, 0: the keys') and channel group of a quantized store.
+inline void check_store_layout(int64_t head_size, int64_t bits, int64_t group,
+                               int64_t value_bits = 0) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
               "bits=", bits, " is not supported: allowed values are 2, 3, 4, 8");
-  TORCH_CHECK(group > 0 && head_size % group == 0 && (group * bits) % 8 == 0,
+  TORCH_CHECK(value_bits == 0 || value_bits == 2 || value_bits == 3 || value_bits == 4 ||
+                  value_bits == 8,
+              "value_bits=", value_bits, " is not supported: allowed values are 0 (bits), 2, 3, 4, 8");
+  const int64_t vbits = value_bits ? value_bits : bits;
+  TORCH_CHECK(group > 0 && head_size % group == 0 && (group * bits) % 8 == 0 &&
+                  (group * vbits) % 8 == 0,
               "group=", group, " must divide the head size ", head_size,
               " into whole bytes of codes");
 }
@@ -26,23 +32,23 @@ inline void check_store_layout(int64_t head_size, int64_t bits, int64_t group) {
 // Tokens to quantize: keys/values [N, D], one position and score each.
 inline void check_record_inputs(const torch::Tensor& keys, const torch::Tensor& values,
                                 const torch::Tensor& positions, const torch::Tensor& scores,
-                                int64_t bits, int64_t group) {
+                                int64_t bits, int64_t group, int64_t value_bits) {
   TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes(),
               "keys and values must both be [N, head_size]");
-  check_store_layout(keys.size(1), bits, group);
+  check_store_layout(keys.size(1), bits, group, value_bits);
   TORCH_CHECK(positions.numel() == keys.size(0) && scores.numel() == keys.size(0),
               "one position and score per token");
 }
 
 // Records uint8 [N, record_bytes] of the given layout.
 inline void check_records(const torch::Tensor& records, int64_t head_size, int64_t bits,
-                          int64_t group) {
-  check_store_layout(head_size, bits, group);
-  const int64_t rb = RecordLayout{bits, group}.record_bytes(head_size);
+                          int64_t group, int64_t value_bits) {
+  check_store_layout(head_size, bits, group, value_bits);
+  const int64_t rb = RecordLayout{bits, group, value_bits}.record_bytes(head_size);
   TORCH_CHECK(records.scalar_type() == torch::kUInt8 && records.dim() == 2 &&
                   records.size(1) == rb,
               "records must be uint8 [N, ", rb, "] for head size ", head_size, ", bits=", bits,
-              ", group=", group);
+              ", group=", group, ", value_bits=", value_bits);
 }
 
 // Count Sketch sums: float32 [rows, buckets, D], contiguous.
@@ -161,11 +167,12 @@ inline torch::Tensor checked_kept(const torch::Tensor& kept, int64_t num_kv_head
 inline int64_t check_quantized_compaction(const torch::Tensor& kv_cache, int64_t capacity,
                                           int64_t exact_start, int64_t seq_len,
                                           int64_t num_vague, int64_t num_kept,
-                                          int64_t keep_vague, int64_t bits, int64_t group) {
+                                          int64_t keep_vague, int64_t bits, int64_t group,
+                                          int64_t value_bits) {
   const int64_t sb = kv_cache.size(3) * kv_cache.element_size();
   const int64_t d = (sb - kSlotMetaBytes) / (2 * kv_cache.element_size());
-  check_store_layout(d, bits, group);
-  const int64_t rb = RecordLayout{bits, group}.record_bytes(d);
+  check_store_layout(d, bits, group, value_bits);
+  const int64_t rb = RecordLayout{bits, group, value_bits}.record_bytes(d);
   TORCH_CHECK(exact_start >= 0 && exact_start <= seq_len && seq_len <= capacity,
               "need 0 <= exact_start (", exact_start, ") <= seq_len (", seq_len,
               ") <= the request's ", capacity, " slots");

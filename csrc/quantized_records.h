@@ -2,7 +2,8 @@
 // by the CPU kernels (kvreviver_vllm/sketch.py: quantize_records):
 //   [K codes | V codes | K scale, K min, V scale, V min (fp16 per group) |
 //    position int32 | score float32],
-// codes packed little-endian at `bits` bits, asymmetric per group of channels.
+// key codes packed little-endian at `bits` bits, value codes at `value_bits`
+// (0: `bits`), asymmetric per group of channels.
 #pragma once
 
 #include <c10/util/Half.h>
@@ -19,10 +20,12 @@
 namespace kvreviver {
 
 struct RecordLayout {
-  int64_t bits = 0, group = 0;
+  int64_t bits = 0, group = 0, value_bits = 0;  // value_bits 0: the same as bits
 
-  int64_t code_bytes(int64_t d) const { return d * bits / 8; }
-  int64_t params_offset(int64_t d) const { return 2 * code_bytes(d); }
+  int64_t key_bits() const { return bits; }
+  int64_t val_bits() const { return value_bits ? value_bits : bits; }
+  int64_t key_code_bytes(int64_t d) const { return d * key_bits() / 8; }
+  int64_t params_offset(int64_t d) const { return d * (key_bits() + val_bits()) / 8; }
   int64_t record_bytes(int64_t d) const { return params_offset(d) + 8 * (d / group) + 8; }
 };
 
@@ -136,10 +139,10 @@ inline void quantize(const float* x, int64_t d, int64_t bits, int64_t group, uin
 // One whole record: keys and values [d] quantized, then position and score.
 inline void encode_record(const float* k, const float* v, int32_t position, float score,
                           int64_t d, const RecordLayout& layout, uint8_t* rec) {
-  const int64_t cb = layout.code_bytes(d), ng = d / layout.group;
+  const int64_t cb = layout.key_code_bytes(d), ng = d / layout.group;
   uint8_t* params = rec + layout.params_offset(d);
-  quantize(k, d, layout.bits, layout.group, rec, params, params + 2 * ng);
-  quantize(v, d, layout.bits, layout.group, rec + cb, params + 4 * ng, params + 6 * ng);
+  quantize(k, d, layout.key_bits(), layout.group, rec, params, params + 2 * ng);
+  quantize(v, d, layout.val_bits(), layout.group, rec + cb, params + 4 * ng, params + 6 * ng);
   const int64_t rb = layout.record_bytes(d);
   std::memcpy(rec + rb - 8, &position, 4);
   std::memcpy(rec + rb - 4, &score, 4);
@@ -148,15 +151,15 @@ inline void encode_record(const float* k, const float* v, int32_t position, floa
 // The keys [d] of one record, dequantized.
 inline void decode_keys(const uint8_t* rec, int64_t d, const RecordLayout& layout, float* k) {
   const uint8_t* params = rec + layout.params_offset(d);
-  dequantize(rec, params, params + 2 * (d / layout.group), d, layout.bits, layout.group, k);
+  dequantize(rec, params, params + 2 * (d / layout.group), d, layout.key_bits(), layout.group, k);
 }
 
 // The values [d] of one record, dequantized.
 inline void decode_values(const uint8_t* rec, int64_t d, const RecordLayout& layout, float* v) {
   const int64_t ng = d / layout.group;
   const uint8_t* params = rec + layout.params_offset(d);
-  dequantize(rec + layout.code_bytes(d), params + 4 * ng, params + 6 * ng, d, layout.bits,
-             layout.group, v);
+  dequantize(rec + layout.key_code_bytes(d), params + 4 * ng, params + 6 * ng, d,
+             layout.val_bits(), layout.group, v);
 }
 
 // Keys and values [d] of one record, dequantized.

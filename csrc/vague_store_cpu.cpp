@@ -37,10 +37,10 @@ struct SketchHash {
 
 torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tensor& values,
                                    const torch::Tensor& positions, const torch::Tensor& scores,
-                                   int64_t bits, int64_t group) {
-  check_record_inputs(keys, values, positions, scores, bits, group);
+                                   int64_t bits, int64_t group, int64_t value_bits) {
+  check_record_inputs(keys, values, positions, scores, bits, group, value_bits);
   const int64_t n = keys.size(0), d = keys.size(1);
-  const RecordLayout layout{bits, group};
+  const RecordLayout layout{bits, group, value_bits};
   const int64_t rb = layout.record_bytes(d);
   auto records = torch::empty({n, rb}, torch::kUInt8);
   const auto k = keys.to(torch::kFloat32).contiguous();
@@ -62,9 +62,10 @@ torch::Tensor quantize_records_cpu(const torch::Tensor& keys, const torch::Tenso
 
 std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cpu(const torch::Tensor& records,
                                                                 int64_t head_size, int64_t bits,
-                                                                int64_t group) {
-  check_records(records, head_size, bits, group);
-  const RecordLayout layout{bits, group};
+                                                                int64_t group,
+                                                                int64_t value_bits) {
+  check_records(records, head_size, bits, group, value_bits);
+  const RecordLayout layout{bits, group, value_bits};
   const int64_t rb = layout.record_bytes(head_size);
   const auto rec = records.contiguous();
   const int64_t n = rec.size(0);

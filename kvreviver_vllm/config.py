@@ -50,7 +50,12 @@ class KVReviverConfig:
     (SnapKV's observation window). A decode step has one row, so every decode
     step scores."""
     bits: int = 4
-    """Bit width of the quantized vague store."""
+    """Bit width of the quantized vague store (its keys, and its values unless
+    ``value_bits`` is set)."""
+    value_bits: int = 0
+    """Bit width of the store's values (0: ``bits``). Attention weights average
+    value errors while key errors move the weights themselves, so values may
+    take fewer bits than keys for more tokens held at the same bytes."""
     candidates: bool = True
     """Keep the best-scored older tokens exact (the Candidate part) as the budget
     allows. False: only sink + recent stay exact and every other token goes to
@@ -87,6 +92,13 @@ class KVReviverConfig:
                 f"kvreviver.bits={self.bits!r} is not supported: allowed values are "
                 f"{', '.join(map(str, QUANT_BITS))}"
             )
+        if self.value_bits != 0 and (
+            isinstance(self.value_bits, bool) or self.value_bits not in QUANT_BITS
+        ):
+            raise KVReviverConfigError(
+                f"kvreviver.value_bits={self.value_bits!r} is not supported: allowed values are 0 "
+                f"(same as bits) or {', '.join(map(str, QUANT_BITS))}"
+            )
         if not isinstance(self.candidates, bool):
             raise KVReviverConfigError(
                 f"kvreviver.candidates={self.candidates!r} is not a boolean: expected true or false"
@@ -100,6 +112,12 @@ class KVReviverConfig:
                 f"kvreviver.low_bits={self.low_bits!r} is not supported: allowed values are 0 "
                 f"(off) or one of {', '.join(str(b) for b in QUANT_BITS if b < self.bits)} "
                 f"(below bits={self.bits})"
+            )
+        if self.low_bits and self.value_bits:
+            raise KVReviverConfigError(
+                f"kvreviver.value_bits={self.value_bits!r} cannot be combined with "
+                f"low_bits={self.low_bits!r}: the mixed-width store keeps keys and values "
+                f"at one width per record (set value_bits to 0)"
             )
         _check_fraction("high_share", self.high_share)
         _check_int("sketch_rows", self.sketch_rows, 1, 16)

@@ -66,7 +66,7 @@ def paged_attention_revived(out, query, kv_cache, block_table, exact_start, seq_
     if implementation() == COMPILED and isinstance(store, QuantizedStore):
         torch.ops.kvreviver.paged_attention_quantized(
             out, query, kv_cache, block_table, exact_start, seq_lens, vague_tokens,
-            query_start_loc, scale, score_window, store.bits, store.group,
+            query_start_loc, scale, score_window, store.bits, store.group, store.value_bits,
         )
     else:
         sketch.paged_attention_revived(
@@ -97,7 +97,7 @@ def compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague, kep
     if _compiled_on(kv_cache) and isinstance(store, QuantizedStore):
         torch.ops.kvreviver.compact_quantized(
             kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact, keep_vague,
-            store.bits, store.group,
+            store.bits, store.group, store.value_bits,
         )
     else:
         sketch.compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague,

@@ -301,10 +301,12 @@ def compact_into_store(
 #
 # A record is one token: [K codes | V codes | K scale, K min, V scale, V min
 # (float16, one per group of ``group`` channels) | position int32 | score float32],
-# codes of ``bits`` bits packed little-endian, asymmetric min/max per group.
+# key codes of ``bits`` bits and value codes of ``value_bits`` (0: ``bits``) packed
+# little-endian, asymmetric min/max per group.
 
-def record_bytes(head_size: int, bits: int, group: int) -> int:
-    return 2 * head_size * bits // 8 + 8 * (head_size // group) + META_BYTES
+def record_bytes(head_size: int, bits: int, group: int, value_bits: int = 0) -> int:
+    value_bits = value_bits or bits
+    return head_size * (bits + value_bits) // 8 + 8 * (head_size // group) + META_BYTES
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int
@@ -339,27 +341,30 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_records(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     scores: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+                     scores: torch.Tensor, bits: int, group: int, value_bits: int = 0) -> torch.Tensor:
     """Records ``uint8 [N, record_bytes]`` of tokens ``keys/values [N, D]``."""
     n = keys.shape[0]
+    value_bits = value_bits or bits
     kc, ks, kl = quantize_groups(keys, bits, group)
-    vc, vs, vl = quantize_groups(values, bits, group)
+    vc, vs, vl = quantize_groups(values, value_bits, group)
     params = torch.stack([ks, kl, vs, vl], dim=1).view(torch.uint8).reshape(n, 8 * ks.shape[1])
     meta = torch.stack([positions.to(torch.int32), scores.float().view(torch.int32)], dim=1)
     return torch.cat(
-        [pack_codes(kc, bits), pack_codes(vc, bits), params, meta.view(torch.uint8).reshape(n, 8)],
+        [pack_codes(kc, bits), pack_codes(vc, value_bits), params, meta.view(torch.uint8).reshape(n, 8)],
         dim=1,
     )
 
 
-def dequantize_records(records: torch.Tensor, head_size: int, bits: int, group: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize_records(records: torch.Tensor, head_size: int, bits: int, group: int,
+                       value_bits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``float32 [N, D]`` of records ``uint8 [N, record_bytes]``."""
-    n, cb = records.shape[0], head_size * bits // 8
-    params = records[:, 2 * cb : -META_BYTES].contiguous().view(torch.float16)
+    value_bits = value_bits or bits
+    n, kb, vb = records.shape[0], head_size * bits // 8, head_size * value_bits // 8
+    params = records[:, kb + vb : -META_BYTES].contiguous().view(torch.float16)
     params = params.view(n, 4, head_size // group)
-    keys = dequantize_groups(unpack_codes(records[:, :cb], bits), params[:, 0], params[:, 1])
-    values = dequantize_groups(unpack_codes(records[:, cb : 2 * cb], bits), params[:, 2], params[:, 3])
+    keys = dequantize_groups(unpack_codes(records[:, :kb], bits), params[:, 0], params[:, 1])
+    values = dequantize_groups(unpack_codes(records[:, kb : kb + vb], value_bits),
+                               params[:, 2], params[:, 3])
     return keys, values
 
 

@@ -29,7 +29,9 @@ LONG_TEXT = Path("/usr/share/common-licenses/GPL-3")
 # (each is one decode step).
 MAX_FORCED_TOKENS = 256
 
-RETRIEVAL_TASKS = ("passkey-repeat", "passkey-natural", "multikey", "kv-retrieval", "variables")
+RETRIEVAL_TASKS = (
+    "passkey-repeat", "passkey-natural", "passkey-long", "multikey", "kv-retrieval", "variables",
+)
 TASKS = RETRIEVAL_TASKS + ("loss",)
 
 _REPEAT_FILLER = (
@@ -153,6 +155,19 @@ class TaskGenerator:
 
     def _passkey_natural(self, rng, context_tokens, index, count) -> Sample:
         return self._passkey(rng, context_tokens, index, count, "natural")
+
+    def _passkey_long(self, rng, context_tokens, index, count) -> Sample:
+        """A 20-digit key (four groups of five) in natural filler. The question's
+        observation window scores where the key starts; the digits after it are
+        needed only while the answer is decoded."""
+        key = "-".join(self._number(rng) for _ in range(4))
+        head = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        ids = self._with_needles(
+            rng, context_tokens, head, [needle], "\nWhat is the pass key? The pass key is",
+            "natural", [self._depth(index, count)],
+        )
+        return Sample("passkey-long", ids, context_tokens, key)
 
     def _multikey(self, rng, context_tokens, index, count) -> Sample:
         """Four similar needles (one per colour); the question asks for one."""

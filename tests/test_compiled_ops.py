@@ -94,6 +94,7 @@ def test_write_kv_rejects_out_of_range_slot():
 @given(
     data=st.data(),
     bits=st.sampled_from([2, 3, 4, 8]),
+    value_bits=st.sampled_from([0, 2, 3, 4]),
     gqa=st.sampled_from([1, 3, 8]),
     num_kv_heads=st.sampled_from([1, 3]),
     head_size=st.sampled_from([64, 128]),
@@ -101,7 +102,7 @@ def test_write_kv_rejects_out_of_range_slot():
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
 def test_paged_attention_quantized_matches_reference(
-    data, bits, gqa, num_kv_heads, head_size, block_size, dtype
+    data, bits, value_bits, gqa, num_kv_heads, head_size, block_size, dtype
 ):
     num_reqs = data.draw(st.integers(1, 4))
     vague = data.draw(st.lists(st.integers(0, 300), min_size=num_reqs, max_size=num_reqs))
@@ -110,7 +111,7 @@ def test_paged_attention_quantized_matches_reference(
     score_window = data.draw(st.sampled_from([0, 1, 4, 32]))
     check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, head_size,
                               block_size, dtype, score_window,
-                              seed=data.draw(st.integers(0, 2**31 - 1)))
+                              seed=data.draw(st.integers(0, 2**31 - 1)), value_bits=value_bits)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -125,18 +126,20 @@ def test_quantized_decode_split_across_threads_matches_reference(threads, num_kv
                                   torch.bfloat16, score_window=32, seed=threads)
         check_quantized_attention([301, 0], [200, 150], [1, 3], 3, 3, num_kv_heads, 64, 32,
                                   torch.float32, score_window=4, seed=threads)
+        check_quantized_attention([500], [40], [1], 4, 3, num_kv_heads, 64, 16,
+                                  torch.bfloat16, score_window=32, seed=threads, value_bits=2)
     finally:
         torch.set_num_threads(before)
 
 
 def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, head_size,
-                              block_size, dtype, score_window, seed):
+                              block_size, dtype, score_window, seed, value_bits=0):
     """The compiled quantized attention against the reference: outputs, exact-slot
     scores and record scores, for requests with ``vague`` records, ``exact`` slots
-    and ``q_lens`` new tokens."""
+    and ``q_lens`` new tokens (values at ``value_bits``, 0: ``bits``)."""
     gen = torch.Generator().manual_seed(seed)
     slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = QuantizedStore(head_size, bits, slot_bytes)
+    store = QuantizedStore(head_size, bits, slot_bytes, value_bits)
     pages = [store.slots_for(n) for n in vague]
     cache, table, _, _ = build_cache(
         [p + e for p, e in zip(pages, exact)], num_kv_heads, head_size, block_size, dtype, gen
@@ -162,7 +165,8 @@ def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, hea
         want, query, ref_cache, table, starts, lens, num_vague, qsl, scale, score_window, store, 0
     )
     torch.ops.kvreviver.paged_attention_quantized(
-        got, query, cache, table, starts, lens, num_vague, qsl, scale, score_window, bits, store.group
+        got, query, cache, table, starts, lens, num_vague, qsl, scale, score_window, bits,
+        store.group, value_bits,
     )
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
@@ -196,22 +200,25 @@ def test_quantized_attention_rejects_an_overfull_store():
     n=st.sampled_from([0, 1, 7, 300]),
     head_size=st.sampled_from([64, 128]),
     bits=st.sampled_from([2, 3, 4, 8]),
+    value_bits=st.sampled_from([0, 2, 3, 4, 8]),
     group=st.sampled_from([16, 32]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_quantize_records_match_reference(n, head_size, bits, group, dtype, seed):
+def test_quantize_records_match_reference(n, head_size, bits, value_bits, group, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     keys = (torch.randn(n, head_size, generator=gen) * 3).to(dtype)
     values = torch.randn(n, head_size, generator=gen).to(dtype)
     keys[:, :group] = 0.5  # a constant group: scale 0, every code 0
     positions = torch.randint(0, 8192, (n,), generator=gen)
     scores = torch.rand(n, generator=gen)
-    got = torch.ops.kvreviver.quantize_records(keys, values, positions, scores, bits, group)
-    want = sketch.quantize_records(keys, values, positions, scores, bits, group)
+    got = torch.ops.kvreviver.quantize_records(keys, values, positions, scores, bits, group,
+                                               value_bits)
+    want = sketch.quantize_records(keys, values, positions, scores, bits, group, value_bits)
     assert torch.equal(got, want)  # bit-identical codes, scales and metadata
-    k, v = torch.ops.kvreviver.dequantize_records(got, head_size, bits, group)
-    want_k, want_v = sketch.dequantize_records(want, head_size, bits, group)
+    assert got.shape[1] == sketch.record_bytes(head_size, bits, group, value_bits)
+    k, v = torch.ops.kvreviver.dequantize_records(got, head_size, bits, group, value_bits)
+    want_k, want_v = sketch.dequantize_records(want, head_size, bits, group, value_bits)
     torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
 
@@ -224,6 +231,10 @@ def test_store_ops_reject_bad_layouts():
         torch.ops.kvreviver.quantize_records(keys, keys, torch.arange(4), torch.zeros(4), 4, 48)
     with pytest.raises(RuntimeError, match=r"records must be uint8 \[N, 88\]"):
         torch.ops.kvreviver.dequantize_records(torch.zeros(4, 80, dtype=torch.uint8), 64, 4, 32)
+    with pytest.raises(RuntimeError, match=r"value_bits=5 is not supported: allowed values are 0 \(bits\), 2, 3, 4, 8"):
+        torch.ops.kvreviver.quantize_records(keys, keys, torch.arange(4), torch.zeros(4), 4, 32, 5)
+    with pytest.raises(RuntimeError, match=r"records must be uint8 \[N, 72\] for head size 64, bits=4, group=32, value_bits=2"):
+        torch.ops.kvreviver.dequantize_records(torch.zeros(4, 88, dtype=torch.uint8), 64, 4, 32, 2)
     sums = torch.zeros(2, 8, 64)
     with pytest.raises(RuntimeError, match=r"positions must lie in \[0, 2\*\*31 - 1\)"):
         torch.ops.kvreviver.count_sketch_estimate(sums, torch.tensor([-1]), torch.ones(2, 4, dtype=torch.long))
@@ -295,19 +306,21 @@ def _tied_scores(gen, *shape):
 @given(
     data=st.data(),
     bits=st.sampled_from([2, 3, 4, 8]),
+    value_bits=st.sampled_from([0, 2, 3]),
     num_kv_heads=st.sampled_from([1, 3]),
     head_size=st.sampled_from([64, 128]),
     block_size=st.sampled_from([16, 32, 128]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_compact_quantized_matches_reference(data, bits, num_kv_heads, head_size, block_size, dtype):
+def test_compact_quantized_matches_reference(data, bits, value_bits, num_kv_heads, head_size,
+                                             block_size, dtype):
     num_vague = data.draw(st.integers(0, 300))
     num_exact = data.draw(st.integers(1, 200))
     num_kept = data.draw(st.integers(0, num_exact))
     keep_vague = data.draw(st.integers(0, num_vague + num_exact - num_kept))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = QuantizedStore(head_size, bits, slot_bytes)
+    store = QuantizedStore(head_size, bits, slot_bytes, value_bits)
     pages = store.slots_for(num_vague)
     # Positions near 8192; old records interleave with the exact tokens.
     order = torch.randperm(num_vague + num_exact, generator=gen) + 8192 - num_vague - num_exact

@@ -32,7 +32,7 @@ def test_samples_are_seeded_and_about_the_asked_length(generator, tokenizer, tas
         text = tokenizer.decode(s.prompt_ids)
         # The answer is in the prompt, before the last 10% (the recent window).
         head = tokenizer.decode(s.prompt_ids[: int(0.9 * len(s.prompt_ids))])
-        assert s.answer in head and s.answer.isdigit()
+        assert s.answer in head and s.answer.replace("-", "").isdigit()
         assert text.rstrip().endswith(("is", "="))
 
 
@@ -41,6 +41,15 @@ def test_multikey_asks_for_one_of_several_similar_keys(generator, tokenizer):
         text = tokenizer.decode(s.prompt_ids)
         assert text.count("The pass key of the") == 5  # four needles and the question
         assert text.count(s.answer) == 1
+
+
+def test_passkey_long_asks_for_twenty_digits_stated_twice(generator, tokenizer):
+    for s in generator.samples("passkey-long", 1024, 4, seed=2):
+        groups = s.answer.split("-")
+        assert len(groups) == 4 and all(len(g) == 5 and g.isdigit() for g in groups)
+        assert tokenizer.decode(s.prompt_ids).count(s.answer) == 2
+        # Every digit is a token of its own: the answer is ~24 tokens to copy.
+        assert len(tokenizer.encode(" " + s.answer, add_special_tokens=False)) >= 20
 
 
 def test_answers_are_matched_as_whole_numbers():

@@ -26,11 +26,14 @@ def reference_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), head_size=st.sampled_from([64, 128]),
-       n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
-def test_records_round_trip(bits, head_size, n, seed):
+@given(bits=st.sampled_from([2, 3, 4, 8]), value_bits=st.sampled_from([0, 2, 3, 4, 8]),
+       head_size=st.sampled_from([64, 128]), n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_records_round_trip(bits, value_bits, head_size, n, seed):
     gen = torch.Generator().manual_seed(seed)
-    store = QuantizedStore(head_size, bits, sketch.slot_width(head_size, torch.bfloat16) * 2)
+    store = QuantizedStore(head_size, bits, sketch.slot_width(head_size, torch.bfloat16) * 2,
+                           value_bits)
+    # Codes of both widths, fp16 scale and min per 32 channels of K and of V, position, score.
+    assert store.record_bytes == head_size * (bits + (value_bits or bits)) // 8 + head_size // 4 + 8
     keys = torch.randn(n, head_size, generator=gen)
     values = 3 * torch.randn(n, head_size, generator=gen)
     positions, scores = torch.randint(0, 8192, (n,), generator=gen), torch.rand(n, generator=gen)
@@ -38,7 +41,8 @@ def test_records_round_trip(bits, head_size, n, seed):
     assert records.shape == (n, store.record_bytes)
     k, v, p, s = store.decode(records)
     torch.testing.assert_close(k, reference_quantize(keys, bits, 32), atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(v, reference_quantize(values, bits, 32), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(v, reference_quantize(values, value_bits or bits, 32),
+                               atol=1e-3, rtol=1e-3)
     assert torch.equal(p, positions.int()) and torch.equal(s, scores)
     pages = store.to_pages(records)
     assert pages.shape == (math.ceil(n * store.record_bytes / store.slot_bytes), store.slot_bytes)

@@ -85,8 +85,8 @@ void paged_attention_quantized_cuda(
     const torch::Tensor& block_table, const torch::Tensor& exact_start,
     const torch::Tensor& seq_lens, const torch::Tensor& vague_tokens,
     const torch::Tensor& query_start_loc, double scale, int64_t score_window,
-    int64_t bits, int64_t group) {
-  check_store_layout(query.size(2), bits, group);
+    int64_t bits, int64_t group, int64_t value_bits) {
+  check_store_layout(query.size(2), bits, group, value_bits);
   const c10::cuda::CUDAGuard guard(query.device());
   const auto starts = exact_start.to(query.device(), torch::kInt32).contiguous();
   const auto counts = vague_tokens.to(query.device(), torch::kInt32).contiguous();
@@ -94,7 +94,8 @@ void paged_attention_quantized_cuda(
                    score_window,
                    cuda::QuantizedStoreArgs{starts.data_ptr<int32_t>(),
                                             counts.data_ptr<int32_t>(),
-                                            static_cast<int>(bits), static_cast<int>(group)});
+                                            static_cast<int>(bits), static_cast<int>(group),
+                                            static_cast<int>(value_bits ? value_bits : bits)});
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CUDA, m) {

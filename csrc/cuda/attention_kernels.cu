@@ -137,13 +137,14 @@ __global__ void paged_attention_kernel(
     acc[e] = 0.f;
   }
   const int64_t num_groups = store.group ? kHeadSize / store.group : 0;
-  const int64_t code_bytes = static_cast<int64_t>(kHeadSize) * store.bits / 8;
-  const int64_t record_bytes = 2 * code_bytes + 8 * num_groups + 8;
+  const int64_t key_code_bytes = static_cast<int64_t>(kHeadSize) * store.bits / 8;
+  const int64_t params = key_code_bytes + static_cast<int64_t>(kHeadSize) * store.value_bits / 8;
+  const int64_t record_bytes = params + 8 * num_groups + 8;
   auto vague_logit = [&](int64_t j) {
     float logit = 0.f;
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e)
-      logit += q[e] * dequantize_channel(bytes, j * record_bytes, 0, 2 * code_bytes, num_groups,
+      logit += q[e] * dequantize_channel(bytes, j * record_bytes, 0, params, num_groups,
                                          lane * kPerLane + e, store.bits, store.group);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) logit += __shfl_xor_sync(0xffffffff, logit, o);
@@ -176,9 +177,9 @@ __global__ void paged_attention_kernel(
   };
   for (int64_t j = warp; j < nv; j += kWarps) {
     update(vague_logit(j), [&](int e) {
-      return dequantize_channel(bytes, j * record_bytes, code_bytes,
-                                2 * code_bytes + 4 * num_groups, num_groups,
-                                lane * kPerLane + e, store.bits, store.group);
+      return dequantize_channel(bytes, j * record_bytes, key_code_bytes,
+                                params + 4 * num_groups, num_groups,
+                                lane * kPerLane + e, store.value_bits, store.group);
     });
   }
   for (int64_t j = warp; j < visible; j += kWarps) {

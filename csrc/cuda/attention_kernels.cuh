@@ -18,12 +18,14 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // A request's quantized vague store (kvreviver_vllm/stores/quantized.py): the
 // first exact_start[r] slots of each KV head hold fixed-size records back to
 // back, [K codes | V codes | K scale, K min, V scale, V min (fp16 per group) |
-// position int32 | score float32], codes little-endian at `bits` bits.
+// position int32 | score float32], key codes little-endian at `bits` bits,
+// value codes at `value_bits`.
 struct QuantizedStoreArgs {
   const int32_t* exact_start = nullptr;   // [num_reqs] int32; null: no store
   const int32_t* vague_tokens = nullptr;  // [num_reqs] int32
   int bits = 0;
   int group = 0;
+  int value_bits = 0;  // the binding passes it resolved (never 0 with a store)
 };
 
 // kv_cache [num_blocks, num_kv_heads, block_size, slot_width]: per slot K (D),

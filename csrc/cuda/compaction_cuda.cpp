@@ -66,7 +66,7 @@ void compact_slots_cuda(torch::Tensor kv_cache, const torch::Tensor& block_row,
 void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_row,
                             int64_t exact_start, int64_t seq_len, int64_t num_vague,
                             const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
-                            int64_t group) {
+                            int64_t group, int64_t value_bits) {
   check_slot_cache(kv_cache);
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   const auto row = request_block_row(block_row, kv_cache);
@@ -75,10 +75,12 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
   const auto kept = checked_kept(kept_exact, heads, num_exact, "kept_exact", kv_cache.device());
   const int64_t num_kept = kept.size(1), num_demoted = num_exact - num_kept;
   const int64_t new_slots = check_quantized_compaction(
-      kv_cache, capacity, exact_start, seq_len, num_vague, num_kept, keep_vague, bits, group);
+      kv_cache, capacity, exact_start, seq_len, num_vague, num_kept, keep_vague, bits, group,
+      value_bits);
   const int64_t sb = kv_cache.size(3) * kv_cache.element_size();
   const int64_t d = (sb - kSlotMetaBytes) / (2 * kv_cache.element_size());
-  const int64_t rb = RecordLayout{bits, group}.record_bytes(d);
+  const RecordLayout layout{bits, group, value_bits};
+  const int64_t rb = layout.record_bytes(d);
   const auto space = slot_space(kv_cache, row);
 
   const auto exact = gather(space, kv_cache, nullptr, exact_start, num_exact);  // [H, E, sb]
@@ -102,7 +104,8 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
                                       positions.data_ptr<int32_t>(), scores.data_ptr<float>(),
                                       fresh.data_ptr<uint8_t>(), heads * num_demoted,
                                       static_cast<int>(d), static_cast<int>(bits),
-                                      static_cast<int>(group), c10::cuda::getCurrentCUDAStream()),
+                                      static_cast<int>(layout.val_bits()), static_cast<int>(group),
+                                      c10::cuda::getCurrentCUDAStream()),
         "kvreviver quantize_records");
 
   // Old and new records in position order, ranked by max-pooled score; the

@@ -22,20 +22,22 @@ void check(cudaError_t err, const char* what) {
 
 torch::Tensor quantize_records_cuda(const torch::Tensor& keys, const torch::Tensor& values,
                                     const torch::Tensor& positions, const torch::Tensor& scores,
-                                    int64_t bits, int64_t group) {
-  check_record_inputs(keys, values, positions, scores, bits, group);
+                                    int64_t bits, int64_t group, int64_t value_bits) {
+  check_record_inputs(keys, values, positions, scores, bits, group, value_bits);
   const int64_t n = keys.size(0), d = keys.size(1);
   const c10::cuda::CUDAGuard guard(keys.device());
   const auto k = keys.to(torch::kFloat32).contiguous();
   const auto v = values.to(torch::kFloat32).contiguous();
   const auto pos = positions.to(keys.device(), torch::kInt32).contiguous();
   const auto sc = scores.to(keys.device(), torch::kFloat32).contiguous();
-  auto records = torch::empty({n, RecordLayout{bits, group}.record_bytes(d)},
+  const RecordLayout layout{bits, group, value_bits};
+  auto records = torch::empty({n, layout.record_bytes(d)},
                               keys.options().dtype(torch::kUInt8));
   check(cuda::launch_quantize_records(k.data_ptr<float>(), v.data_ptr<float>(),
                                       pos.data_ptr<int32_t>(), sc.data_ptr<float>(),
                                       records.data_ptr<uint8_t>(), n, static_cast<int>(d),
-                                      static_cast<int>(bits), static_cast<int>(group),
+                                      static_cast<int>(bits), static_cast<int>(layout.val_bits()),
+                                      static_cast<int>(group),
                                       c10::cuda::getCurrentCUDAStream()),
         "kvreviver::quantize_records");
   return records;
@@ -43,8 +45,9 @@ torch::Tensor quantize_records_cuda(const torch::Tensor& keys, const torch::Tens
 
 std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cuda(const torch::Tensor& records,
                                                                  int64_t head_size, int64_t bits,
-                                                                 int64_t group) {
-  check_records(records, head_size, bits, group);
+                                                                 int64_t group,
+                                                                 int64_t value_bits) {
+  check_records(records, head_size, bits, group, value_bits);
   const c10::cuda::CUDAGuard guard(records.device());
   const auto rec = records.contiguous();
   const int64_t n = rec.size(0);
@@ -53,6 +56,7 @@ std::tuple<torch::Tensor, torch::Tensor> dequantize_records_cuda(const torch::Te
   check(cuda::launch_dequantize_records(rec.data_ptr<uint8_t>(), keys.data_ptr<float>(),
                                         values.data_ptr<float>(), n,
                                         static_cast<int>(head_size), static_cast<int>(bits),
+                                        static_cast<int>(value_bits ? value_bits : bits),
                                         static_cast<int>(group),
                                         c10::cuda::getCurrentCUDAStream()),
         "kvreviver::dequantize_records");

@@ -10,8 +10,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1
 
-__device__ __forceinline__ int64_t record_bytes(int d, int bits, int group) {
-  return 2 * (d * bits / 8) + 8 * (d / group) + 8;
+// Keys at `bits`, values at `value_bits` (resolved: never 0 here).
+__device__ __forceinline__ int64_t record_bytes(int d, int bits, int value_bits, int group) {
+  return d * bits / 8 + d * value_bits / 8 + 8 * (d / group) + 8;
 }
 
 __device__ __forceinline__ void store_half(uint8_t* p, float x) {
@@ -33,7 +34,7 @@ __global__ void quantize_records_kernel(const float* __restrict__ keys,
                                         const int32_t* __restrict__ positions,
                                         const float* __restrict__ scores,
                                         uint8_t* __restrict__ records, int64_t n, int d,
-                                        int bits, int group) {
+                                        int key_bits, int value_bits, int group) {
   const int groups = d / group;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (item >= n * 2 * groups) return;
@@ -41,8 +42,10 @@ __global__ void quantize_records_kernel(const float* __restrict__ keys,
   const int which = static_cast<int>(item / groups % 2);  // 0: key, 1: value
   const int g = static_cast<int>(item % groups);
   const float* x = (which ? values : keys) + token * d + g * group;
-  uint8_t* rec = records + token * record_bytes(d, bits, group);
-  const int code_bytes = d * bits / 8;
+  const int64_t rb = record_bytes(d, key_bits, value_bits, group);
+  uint8_t* rec = records + token * rb;
+  const int bits = which ? value_bits : key_bits;
+  const int key_code_bytes = d * key_bits / 8, params_offset = key_code_bytes + d * value_bits / 8;
   float mn = x[0], mx = x[0];
   for (int i = 1; i < group; ++i) {
     mn = fminf(mn, x[i]);
@@ -52,10 +55,10 @@ __global__ void quantize_records_kernel(const float* __restrict__ keys,
   const float lo = __half2float(__float2half_rn(mn));
   const float scale = __half2float(__float2half_rn(__fdiv_rn(mx - lo, levels)));
   const float safe = fmaxf(scale, 1e-8f);
-  uint8_t* params = rec + 2 * code_bytes + which * 4 * groups;
+  uint8_t* params = rec + params_offset + which * 4 * groups;
   store_half(params + 2 * g, scale);
   store_half(params + 2 * (groups + g), lo);
-  uint8_t* codes = rec + which * code_bytes + g * group * bits / 8;
+  uint8_t* codes = rec + which * key_code_bytes + g * group * bits / 8;
   for (int b = 0; b < group * bits / 8; ++b) codes[b] = 0;
   for (int i = 0; i < group; ++i) {
     const float q = fminf(fmaxf(rintf(__fdiv_rn(x[i] - lo, safe)), 0.f), levels);
@@ -65,7 +68,7 @@ __global__ void quantize_records_kernel(const float* __restrict__ keys,
     if (code >> 8) codes[(bit >> 3) + 1] |= static_cast<uint8_t>(code >> 8);
   }
   if (which == 0 && g == 0) {
-    uint8_t* meta = rec + record_bytes(d, bits, group) - 8;
+    uint8_t* meta = rec + rb - 8;
     const int32_t pos = positions[token];
     const float score = scores[token];
     memcpy(meta, &pos, 4);
@@ -76,16 +79,18 @@ __global__ void quantize_records_kernel(const float* __restrict__ keys,
 // One thread per (token, K or V, channel).
 __global__ void dequantize_records_kernel(const uint8_t* __restrict__ records,
                                           float* __restrict__ keys, float* __restrict__ values,
-                                          int64_t n, int d, int bits, int group) {
+                                          int64_t n, int d, int key_bits, int value_bits,
+                                          int group) {
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (item >= n * 2 * d) return;
   const int64_t token = item / (2 * d);
   const int which = static_cast<int>(item / d % 2);
   const int c = static_cast<int>(item % d);
-  const int groups = d / group, code_bytes = d * bits / 8;
-  const uint8_t* rec = records + token * record_bytes(d, bits, group);
-  const uint8_t* codes = rec + which * code_bytes;
-  const uint8_t* params = rec + 2 * code_bytes + which * 4 * groups;
+  const int bits = which ? value_bits : key_bits;
+  const int groups = d / group, key_code_bytes = d * key_bits / 8;
+  const uint8_t* rec = records + token * record_bytes(d, key_bits, value_bits, group);
+  const uint8_t* codes = rec + which * key_code_bytes;
+  const uint8_t* params = rec + key_code_bytes + d * value_bits / 8 + which * 4 * groups;
   const int bit = c * bits;
   uint32_t word = codes[bit >> 3];
   if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
@@ -169,22 +174,22 @@ unsigned grid_for(int64_t items) { return static_cast<unsigned>((items + kThread
 
 cudaError_t launch_quantize_records(const float* keys, const float* values,
                                     const int32_t* positions, const float* scores,
-                                    uint8_t* records, int64_t n, int d, int bits, int group,
-                                    cudaStream_t stream) {
+                                    uint8_t* records, int64_t n, int d, int bits, int value_bits,
+                                    int group, cudaStream_t stream) {
   const int64_t items = n * 2 * (d / group);
   if (items == 0) return cudaSuccess;
   quantize_records_kernel<<<grid_for(items), kThreads, 0, stream>>>(
-      keys, values, positions, scores, records, n, d, bits, group);
+      keys, values, positions, scores, records, n, d, bits, value_bits, group);
   return cudaGetLastError();
 }
 
 cudaError_t launch_dequantize_records(const uint8_t* records, float* keys, float* values,
-                                      int64_t n, int d, int bits, int group,
+                                      int64_t n, int d, int bits, int value_bits, int group,
                                       cudaStream_t stream) {
   const int64_t items = n * 2 * d;
   if (items == 0) return cudaSuccess;
   dequantize_records_kernel<<<grid_for(items), kThreads, 0, stream>>>(records, keys, values, n,
-                                                                       d, bits, group);
+                                                                       d, bits, value_bits, group);
   return cudaGetLastError();
 }
 

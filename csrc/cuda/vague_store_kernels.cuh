@@ -12,15 +12,16 @@
 namespace kvreviver::cuda {
 
 // keys/values [n, d] float32 contiguous, positions int32 [n], scores float32
-// [n] -> records uint8 [n, record_bytes]. group * bits must be whole bytes.
+// [n] -> records uint8 [n, record_bytes], keys at `bits` bits, values at
+// `value_bits` (resolved, not 0). group * bits must be whole bytes.
 cudaError_t launch_quantize_records(const float* keys, const float* values,
                                     const int32_t* positions, const float* scores,
-                                    uint8_t* records, int64_t n, int d, int bits, int group,
-                                    cudaStream_t stream);
+                                    uint8_t* records, int64_t n, int d, int bits, int value_bits,
+                                    int group, cudaStream_t stream);
 
 // records uint8 [n, record_bytes] -> keys/values float32 [n, d].
 cudaError_t launch_dequantize_records(const uint8_t* records, float* keys, float* values,
-                                      int64_t n, int d, int bits, int group,
+                                      int64_t n, int d, int bits, int value_bits, int group,
                                       cudaStream_t stream);
 
 // sums float32 [rows, buckets, d] += sign * x[n, d] at each position's bucket

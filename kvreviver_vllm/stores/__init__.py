@@ -29,7 +29,7 @@ def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
         return MixedQuantizedStore(head_size, config.bits, config.low_bits, config.high_share,
                                    slot_bytes)
     if config.variant == "quantized":
-        return QuantizedStore(head_size, config.bits, slot_bytes)
+        return QuantizedStore(head_size, config.bits, slot_bytes, config.value_bits)
     if config.variant == "sketch":
         return CountSketchStore(head_size, config.sketch_rows, config.sketch_buckets, slot_bytes, dtype)
     return None

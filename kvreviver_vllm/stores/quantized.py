@@ -5,9 +5,9 @@ Every token demoted from the exact cache is kept as a fixed-size *record*:
     [ K codes | V codes | K (scale, min) per group | V (scale, min) per group | position | score ]
 
 Keys and values are quantized per token, asymmetric min/max, in groups of
-``group`` channels (32, or 16 where 32 does not divide the head size), codes
-packed little-endian at ``bits`` bits; scale and min are float16, position
-int32, score float32 (``sketch.quantize_records``, compiled in ``csrc/``). Records are packed back to back into
+``group`` channels (32, or 16 where 32 does not divide the head size), key
+codes packed little-endian at ``bits`` bits and value codes at ``value_bits``
+(the same by default); scale and min are float16, position int32, score float32 (``sketch.quantize_records``, compiled in ``csrc/``). Records are packed back to back into
 the request's own paged slots (a record may straddle two slots, so no byte is
 wasted), so revival needs no memory outside the request's blocks.
 """
@@ -28,6 +28,10 @@ class QuantizedStore(VagueStore):
     head_size: int
     bits: int
     slot_bytes: int
+    value_bits: int = 0  # 0: ``bits``
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value_bits", self.value_bits or self.bits)
 
     @property
     def group(self) -> int:
@@ -35,7 +39,7 @@ class QuantizedStore(VagueStore):
 
     @property
     def record_bytes(self) -> int:
-        return sketch.record_bytes(self.head_size, self.bits, self.group)
+        return sketch.record_bytes(self.head_size, self.bits, self.group, self.value_bits)
 
     def slots_for(self, num_tokens: int) -> int:
         return -(-num_tokens * self.record_bytes // self.slot_bytes)
@@ -54,11 +58,13 @@ class QuantizedStore(VagueStore):
     def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                scores: torch.Tensor) -> torch.Tensor:
         """Records ``uint8 [N, record_bytes]`` of tokens ``keys/values [N, D]``."""
-        return ops.quantize_records(keys, values, positions, scores, self.bits, self.group)
+        return ops.quantize_records(keys, values, positions, scores, self.bits, self.group,
+                                    self.value_bits)
 
     def decode(self, records: torch.Tensor):
         """``(keys, values)`` float32 ``[N, D]``, positions int32 and scores float32 ``[N]``."""
-        keys, values = ops.dequantize_records(records, self.head_size, self.bits, self.group)
+        keys, values = ops.dequantize_records(records, self.head_size, self.bits, self.group,
+                                              self.value_bits)
         return keys, values, *self.meta(records)
 
     @staticmethod
