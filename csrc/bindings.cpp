@@ -30,13 +30,14 @@ TORCH_LIBRARY(kvreviver, m) {
   m.def("compact_slots(Tensor(a!) kv_cache, Tensor block_row, Tensor kept_slots) -> ()");
   // Compaction into the quantized store, per KV head: keep exact slots
   // kept_exact [Hkv, K] (ascending indices into [exact_start, seq_len)), turn the
-  // others into records, keep the keep_vague best of old + new records (pooled
-  // score, ties to the older) in position order at slots [0, P), the kept exact
-  // slots right after; every score reset.
+  // others into records, keep the keep_vague best of old + new records (score
+  // max-pooled over records [i - pool_after, i + pool_before], ties to the
+  // older) in position order at slots [0, P), the kept exact slots right after;
+  // every score reset.
   m.def(
       "compact_quantized(Tensor(a!) kv_cache, Tensor block_row, int exact_start, int seq_len, "
       "int num_vague, Tensor kept_exact, int keep_vague, int bits, int group, "
-      "int value_bits=0) -> ()");
+      "int value_bits=0, int pool_before=3, int pool_after=3) -> ()");
   // Records uint8 [N, record_bytes] of tokens keys/values [N, D] (quantized
   // per group of channels, keys at `bits` bits, values at `value_bits`, 0: the
   // same), with their positions and scores. Every quantized-store op takes the

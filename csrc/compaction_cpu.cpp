@@ -50,15 +50,14 @@ RequestSlots request_slots(torch::Tensor& kv_cache, const torch::Tensor& blocks)
           kv_cache.size(1) * kv_cache.size(2) * slot_bytes};
 }
 
-// Max of scores over the kPoolKernel neighbours centred on each record:
+// Each record's score is the max over records [i - after, i + before]:
 // policy.pooled_scores.
-
-std::vector<float> pooled(const std::vector<float>& scores) {
-  const int64_t n = static_cast<int64_t>(scores.size()), half = kPoolKernel / 2;
+std::vector<float> pooled(const std::vector<float>& scores, int64_t before, int64_t after) {
+  const int64_t n = static_cast<int64_t>(scores.size());
   std::vector<float> out(n);
   for (int64_t i = 0; i < n; ++i)
-    out[i] = *std::max_element(scores.begin() + std::max<int64_t>(0, i - half),
-                               scores.begin() + std::min(n, i + half + 1));
+    out[i] = *std::max_element(scores.begin() + std::max<int64_t>(0, i - after),
+                               scores.begin() + std::min(n, i + before + 1));
   return out;
 }
 
@@ -66,7 +65,8 @@ template <typename scalar_t>
 void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots,
                               int64_t exact_start, int64_t seq_len, int64_t num_vague,
                               const int64_t* kept, int64_t num_kept, int64_t keep_vague,
-                              const RecordLayout& layout) {
+                              const RecordLayout& layout, int64_t pool_before,
+                              int64_t pool_after) {
   const int64_t num_kv_heads = kv_cache.size(1);
   const int64_t d = (slots.slot_bytes - kSlotMetaBytes) / (2 * sizeof(scalar_t));
   const int64_t rb = layout.record_bytes(d);
@@ -122,7 +122,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
       std::vector<float> scores(n);
       for (int64_t i = 0; i < n; ++i)
         std::memcpy(&scores[i], &records[order[i] * rb + rb - 4], 4);
-      const std::vector<float> ranked = pooled(scores);
+      const std::vector<float> ranked = pooled(scores, pool_before, pool_after);
       std::vector<int64_t> best(n);
       std::iota(best.begin(), best.end(), 0);
       std::stable_sort(best.begin(), best.end(),
@@ -173,7 +173,9 @@ void compact_slots_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
 void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
                            int64_t exact_start, int64_t seq_len, int64_t num_vague,
                            const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
-                           int64_t group, int64_t value_bits) {
+                           int64_t group, int64_t value_bits, int64_t pool_before,
+                           int64_t pool_after) {
+  check_pool(pool_before, pool_after);
   check_slot_cache(kv_cache);
   const auto row = request_block_row(block_row, kv_cache);
   const int64_t capacity = row.numel() * kv_cache.size(2);
@@ -190,7 +192,7 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
       "kvreviver_compact_quantized", [&] {
         compact_quantized_kernel<scalar_t>(kv_cache, slots, exact_start, seq_len, num_vague,
                                            kept.data_ptr<int64_t>(), num_kept, keep_vague,
-                                           layout);
+                                           layout, pool_before, pool_after);
       });
 }
 

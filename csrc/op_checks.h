@@ -110,7 +110,15 @@ inline torch::Tensor sketch_coefficients(const torch::Tensor& coefficients, int6
 // -- paged cache and compaction ------------------------------------------------
 
 constexpr int64_t kSlotMetaBytes = 8;  // position int32 + score float32 after K | V
-constexpr int64_t kPoolKernel = 7;     // policy.POOL_KERNEL: store records rank by pooled score
+constexpr int64_t kMaxPool = 256;      // config pool_before / pool_after: at most this
+
+// How far a record lends its score: pool_before records before it, pool_after after.
+inline void check_pool(int64_t pool_before, int64_t pool_after) {
+  TORCH_CHECK(pool_before >= 0 && pool_before <= kMaxPool && pool_after >= 0 &&
+                  pool_after <= kMaxPool,
+              "pool_before=", pool_before, ", pool_after=", pool_after,
+              " are out of range: expected integers in [0, ", kMaxPool, "]");
+}
 
 // A paged cache [blocks, kv_heads, block_size, W] whose slots hold K | V | meta.
 inline void check_slot_cache(const torch::Tensor& kv_cache) {

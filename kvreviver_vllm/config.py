@@ -49,6 +49,13 @@ class KVReviverConfig:
     """Last query rows of each step whose attention scores the cached tokens
     (SnapKV's observation window). A decode step has one row, so every decode
     step scores."""
+    pool_before: int = 3
+    """Ranking: each scored token lends its score to this many tokens before it
+    (SnapKV's pooling kernel of 7 is 3 before, 3 after)."""
+    pool_after: int = 3
+    """Ranking: each scored token lends its score to this many tokens after it,
+    so that what follows an attended token (the rest of a long value a copy
+    reads next) survives with it."""
     bits: int = 4
     """Bit width of the quantized vague store (its keys, and its values unless
     ``value_bits`` is set)."""
@@ -87,6 +94,8 @@ class KVReviverConfig:
         _check_int("sink", self.sink, 0, 1024)
         _check_int("recent", self.recent, 1, 8192)
         _check_int("score_window", self.score_window, 1, 8192)
+        _check_int("pool_before", self.pool_before, 0, 256)
+        _check_int("pool_after", self.pool_after, 0, 256)
         if isinstance(self.bits, bool) or self.bits not in QUANT_BITS:
             raise KVReviverConfigError(
                 f"kvreviver.bits={self.bits!r} is not supported: allowed values are "

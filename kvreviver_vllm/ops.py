@@ -97,7 +97,7 @@ def compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague, kep
     if _compiled_on(kv_cache) and isinstance(store, QuantizedStore):
         torch.ops.kvreviver.compact_quantized(
             kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact, keep_vague,
-            store.bits, store.group, store.value_bits,
+            store.bits, store.group, store.value_bits, store.pool_before, store.pool_after,
         )
     else:
         sketch.compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague,

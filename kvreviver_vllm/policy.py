@@ -6,7 +6,9 @@ newest ones; neither is ever dropped. The rest compete on importance: the
 attention each slot received since the last compaction (from all query rows of
 those steps and the query heads of its GQA group), max-pooled over neighbouring
 slots so a token's neighbours survive with it (SnapKV's observation-window
-scoring, with the window being the steps since the last compaction).
+scoring, with the window being the steps since the last compaction). The pool
+may reach further after a token than before it (``pool_after``): what follows
+an attended token is what a copy of it reads next.
 """
 
 from __future__ import annotations
@@ -19,22 +21,30 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # the stores rank their records with pooled_scores
     from kvreviver_vllm.stores.base import VagueStore
 
-POOL_KERNEL = 7
+# SnapKV's pooling kernel of 7: three neighbours on either side.
+POOL_BEFORE = 3
+POOL_AFTER = 3
 
 
-def pooled_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Max-pool ``[H, L]`` scores over ``POOL_KERNEL`` neighbouring slots."""
+def pooled_scores(scores: torch.Tensor, before: int = POOL_BEFORE,
+                  after: int = POOL_AFTER) -> torch.Tensor:
+    """``[H, L]`` scores max-pooled so that each slot lends its score to the
+    ``before`` slots before it and the ``after`` slots after it:
+    ``out[i] = max(scores[i - after : i + before + 1])``."""
     if scores.shape[1] == 0:  # max_pool1d refuses empty inputs
         return scores
-    return F.max_pool1d(scores[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[:, 0]
+    padded = F.pad(scores[:, None], (after, before), value=float("-inf"))
+    return F.max_pool1d(padded, before + after + 1, stride=1)[:, 0]
 
 
 def select_kept(
-    scores: torch.Tensor, keep: int, sink: int, recent: int, by_score: bool
+    scores: torch.Tensor, keep: int, sink: int, recent: int, by_score: bool,
+    pool: tuple[int, int] = (POOL_BEFORE, POOL_AFTER),
 ) -> torch.Tensor:
     """Ascending slot indices ``[H, keep]`` of the slots each head keeps out of
     ``L = scores.shape[1]``: the sink, the recent window, and the best-scored
-    (``by_score``) or the newest (streaming) of the slots in between."""
+    (``by_score``, scores pooled by ``pool = (before, after)``) or the newest
+    (streaming) of the slots in between."""
     num_heads, num_slots = scores.shape
     if keep >= num_slots:
         return torch.arange(num_slots, device=scores.device).expand(num_heads, -1)
@@ -44,7 +54,7 @@ def select_kept(
     middle_end = num_slots - num_recent
     arange = torch.arange(num_slots, device=scores.device)
     if by_score:
-        middle = pooled_scores(scores.float())[:, num_sink:middle_end]
+        middle = pooled_scores(scores.float(), *pool)[:, num_sink:middle_end]
         chosen = middle.topk(num_middle, dim=1).indices + num_sink
     else:
         chosen = arange[middle_end - num_middle : middle_end].expand(num_heads, -1)

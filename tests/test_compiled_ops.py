@@ -307,20 +307,21 @@ def _tied_scores(gen, *shape):
     data=st.data(),
     bits=st.sampled_from([2, 3, 4, 8]),
     value_bits=st.sampled_from([0, 2, 3]),
+    pool=st.sampled_from([(3, 3), (0, 0), (1, 24), (5, 2)]),
     num_kv_heads=st.sampled_from([1, 3]),
     head_size=st.sampled_from([64, 128]),
     block_size=st.sampled_from([16, 32, 128]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_compact_quantized_matches_reference(data, bits, value_bits, num_kv_heads, head_size,
-                                             block_size, dtype):
+def test_compact_quantized_matches_reference(data, bits, value_bits, pool, num_kv_heads,
+                                             head_size, block_size, dtype):
     num_vague = data.draw(st.integers(0, 300))
     num_exact = data.draw(st.integers(1, 200))
     num_kept = data.draw(st.integers(0, num_exact))
     keep_vague = data.draw(st.integers(0, num_vague + num_exact - num_kept))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = QuantizedStore(head_size, bits, slot_bytes, value_bits)
+    store = QuantizedStore(head_size, bits, slot_bytes, value_bits, *pool)
     pages = store.slots_for(num_vague)
     # Positions near 8192; old records interleave with the exact tokens.
     order = torch.randperm(num_vague + num_exact, generator=gen) + 8192 - num_vague - num_exact
@@ -385,6 +386,9 @@ def test_compaction_ops_reject_bad_arguments():
         torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 50, kept, 0, 4, 32)
     with pytest.raises(RuntimeError, match=r"bits=5 is not supported"):
         torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 5, 32)
+    with pytest.raises(RuntimeError, match=r"pool_before=3, pool_after=257 are out of range: "
+                                           r"expected integers in \[0, 256\]"):
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 4, 32, 0, 3, 257)
     with pytest.raises(RuntimeError, match=r"seq_len \(40\) <= the request's 32 slots"):
         torch.ops.kvreviver.compact_quantized(cache, row, 2, 40, 0, kept, 0, 4, 32)
 

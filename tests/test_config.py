@@ -47,6 +47,8 @@ def test_unknown_key_lists_allowed_keys():
         ({"bits": 5}, "kvreviver.bits=5 is not supported: allowed values are 2, 3, 4, 8"),
         ({"value_bits": 5}, "kvreviver.value_bits=5 is not supported: allowed values are 0 (same as bits) or 2, 3, 4, 8"),
         ({"value_bits": True}, "kvreviver.value_bits=True is not supported"),
+        ({"pool_after": 300}, "kvreviver.pool_after=300 is out of range: expected an integer in [0, 256]"),
+        ({"pool_before": -1}, "kvreviver.pool_before=-1 is out of range"),
         ({"value_bits": 2, "low_bits": 3}, "kvreviver.value_bits=2 cannot be combined with low_bits=3"),
         ({"sketch_rows": 0}, "kvreviver.sketch_rows=0 is out of range"),
         ({"sketch_buckets": 10**6}, "kvreviver.sketch_buckets=1000000 is out of range"),

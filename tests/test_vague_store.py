@@ -202,6 +202,24 @@ def test_quantized_store_keeps_a_needles_neighbours_together():
     # Nothing in, nothing kept.
     none = store.absorb(empty, 0, keys[:0], keys[:0], torch.arange(0), scores[:0], 0, seed=0)
     assert none.shape[0] == 0
+    # pool_after: the needle lends its score to the tokens after it, the rest of
+    # a value that a copy reads next (here 1 before, 5 after).
+    ahead = QuantizedStore(64, 4, SLOT_BYTES, pool_before=1, pool_after=5)
+    pages = ahead.absorb(empty, 0, keys, keys, torch.arange(40), scores, 7, seed=0)
+    _, _, pos, _ = ahead.decode(ahead.from_pages(pages, 7))
+    assert pos.tolist() == list(range(19, 26))
+
+
+def test_pooled_scores_reach_before_and_after_each_token():
+    scores = torch.tensor([[0.0, 0, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 2]])
+    # SnapKV's kernel of 7: three on either side.
+    assert policy.pooled_scores(scores)[0].tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+    out = policy.pooled_scores(scores, before=1, after=4)
+    assert out[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0]
+    assert out[1].tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 2, 2]
+    assert policy.pooled_scores(scores, 0, 0).equal(scores)
+    kept = policy.select_kept(scores[:1], 5, sink=1, recent=1, by_score=True, pool=(0, 2))
+    assert kept[0].tolist() == [0, 4, 5, 6, 9]
 
 
 def test_count_sketch_sums_signed_tokens_and_revives_by_mean():

@@ -10,6 +10,8 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <limits>
+
 #include "../op_checks.h"
 #include "../quantized_records.h"
 #include "compaction_kernels.cuh"
@@ -66,7 +68,9 @@ void compact_slots_cuda(torch::Tensor kv_cache, const torch::Tensor& block_row,
 void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_row,
                             int64_t exact_start, int64_t seq_len, int64_t num_vague,
                             const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
-                            int64_t group, int64_t value_bits) {
+                            int64_t group, int64_t value_bits, int64_t pool_before,
+                            int64_t pool_after) {
+  check_pool(pool_before, pool_after);
   check_slot_cache(kv_cache);
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   const auto row = request_block_row(block_row, kv_cache);
@@ -120,8 +124,10 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
   std::vector<int64_t> best_sizes{heads, keep_vague};
   torch::Tensor best;
   if (rec_scores.size(1) > 0) {
-    const auto pooled = torch::max_pool1d(rec_scores.unsqueeze(1), {kPoolKernel}, {1},
-                                          {kPoolKernel / 2}).squeeze(1);
+    // policy.pooled_scores: the max over records [i - pool_after, i + pool_before].
+    const auto padded = torch::constant_pad_nd(rec_scores.unsqueeze(1), {pool_after, pool_before},
+                                               -std::numeric_limits<double>::infinity());
+    const auto pooled = torch::max_pool1d(padded, {pool_before + pool_after + 1}, {1}).squeeze(1);
     const auto ranked = std::get<1>(torch::sort(pooled, /*stable=*/true, /*dim=*/1,
                                                 /*descending=*/true));
     best = std::get<0>(torch::sort(ranked.narrow(1, 0, keep_vague), /*dim=*/1));

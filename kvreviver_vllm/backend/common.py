@@ -375,6 +375,7 @@ class KVReviverAttentionImpl(AttentionImpl):
         return policy.select_kept(
             scores, keep_exact, self.config.sink, self.config.recent,
             by_score=self.config.variant != "streaming",
+            pool=(self.config.pool_before, self.config.pool_after),
         )
 
     def _compact(self, kv_cache: torch.Tensor, md: KVReviverMetadata, row: int,

@@ -27,9 +27,10 @@ def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
             "kvreviver.low_bits=%d: the mixed-width store is a research store and runs "
             "the PyTorch reference ops (slow)", config.low_bits)
         return MixedQuantizedStore(head_size, config.bits, config.low_bits, config.high_share,
-                                   slot_bytes)
+                                   slot_bytes, config.pool_before, config.pool_after)
     if config.variant == "quantized":
-        return QuantizedStore(head_size, config.bits, slot_bytes, config.value_bits)
+        return QuantizedStore(head_size, config.bits, slot_bytes, config.value_bits,
+                              config.pool_before, config.pool_after)
     if config.variant == "sketch":
         return CountSketchStore(head_size, config.sketch_rows, config.sketch_buckets, slot_bytes, dtype)
     return None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvreviver_vllm import ops, sketch
-from kvreviver_vllm.policy import pooled_scores
+from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, pooled_scores
 from kvreviver_vllm.stores.base import VagueStore
 
 
@@ -29,6 +29,8 @@ class QuantizedStore(VagueStore):
     bits: int
     slot_bytes: int
     value_bits: int = 0  # 0: ``bits``
+    pool_before: int = POOL_BEFORE  # records rank by scores pooled as exact slots are
+    pool_after: int = POOL_AFTER
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "value_bits", self.value_bits or self.bits)
@@ -115,6 +117,7 @@ class QuantizedStore(VagueStore):
         _, rec_scores = self.meta(records)
         # A stable sort, so ties (pooling makes plateaus) go to the older record,
         # as in the compiled compaction.
-        ranked = pooled_scores(rec_scores[None])[0].sort(descending=True, stable=True)
+        ranked = pooled_scores(rec_scores[None], self.pool_before, self.pool_after)[0]
+        ranked = ranked.sort(descending=True, stable=True)
         best = ranked.indices[:keep].sort().values
         return self.to_pages(self.with_scores(records[best], torch.zeros(keep)))
