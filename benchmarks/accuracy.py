@@ -7,7 +7,10 @@ same seeded prompts (``kvreviver_vllm.tasks``), greedy, bf16, prompts chunked at
 * ``full``: stock vLLM, full cache (the reference);
 * ``fp8``: stock vLLM with ``--kv-cache-dtype fp8`` (half the memory, no budget);
 * ``streaming``: sink + recent window only (StreamingLLM);
-* ``evict``: sink + recent + best-scored tokens exact, the rest dropped (SnapKV-style);
+* ``evict``: sink + recent + best-scored tokens exact, the rest dropped (SnapKV: scores
+  pooled 3 tokens either side, whatever the config's ``pool_after``);
+* ``evict-ahead``: ``evict`` with KVReviver's ranking (the config's pool reach), which
+  tells the ranking's share of a gain from the store's;
 * ``sketch``: ``evict`` plus a plain Count Sketch of the dropped tokens (n/a where its
   ``rows x buckets`` bucket slots alone exceed the budget);
 * ``uniform``: every token but sink + recent in the low-bit store, at the widest bit
@@ -82,7 +85,10 @@ class Grid:
     """Budgets run at contexts > 4096 (all budgets when empty)."""
 
 
-BUDGETED = ("streaming", "evict", "sketch", "uniform", "quantized", "quantized-3bit", "quantized-2bit")
+BUDGETED = ("streaming", "evict", "evict-ahead", "sketch", "uniform", "quantized", "quantized-3bit",
+            "quantized-2bit")
+# SnapKV's pooling (kernel 7): the ``evict`` baseline keeps it whatever ``--set`` says.
+SNAPKV_POOL = {"pool_before": 3, "pool_after": 3}
 ALL_METHODS = ("full", "fp8") + BUDGETED
 ALL_TASKS = ("passkey-repeat", "passkey-natural", "passkey-long", "multikey", "kv-retrieval", "variables", "loss")
 
@@ -177,6 +183,10 @@ def engine_kwargs(method: str, budget: float | None, bits: int | None,
         section.update(variant="quantized", candidates=False, bits=bits)
     elif method.startswith("quantized-"):  # quantized-3bit, quantized-2bit
         section.update(variant="quantized", bits=int(method.removeprefix("quantized-")[0]))
+    elif method == "evict":
+        section.update(variant="evict", **SNAPKV_POOL)
+    elif method == "evict-ahead":
+        section["variant"] = "evict"
     else:
         section["variant"] = method
     return {"attention_backend": "kvreviver", "additional_config": {"kvreviver": section}}

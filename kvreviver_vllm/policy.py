@@ -21,7 +21,9 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # the stores rank their records with pooled_scores
     from kvreviver_vllm.stores.base import VagueStore
 
-# SnapKV's pooling kernel of 7: three neighbours on either side.
+# SnapKV's pooling kernel of 7, three neighbours on either side: the reach of
+# the functions here and of a bare store. The config's default reaches further
+# after a token (``KVReviverConfig.pool_after``).
 POOL_BEFORE = 3
 POOL_AFTER = 3
 

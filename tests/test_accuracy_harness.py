@@ -60,6 +60,12 @@ def test_knobs_reach_every_kvreviver_method_and_are_checked():
     section = accuracy.engine_kwargs("quantized-3bit", 0.1, None, knobs)["additional_config"]["kvreviver"]
     assert section == {"budget": 0.1, "recent": 32, "score_window": 128, "variant": "quantized", "bits": 3}
     assert accuracy.engine_kwargs("full", None, None, knobs) == {}  # stock vLLM: untouched
+    # evict stays SnapKV (3 either side); evict-ahead takes the config's ranking.
+    ahead = accuracy.parse_knobs(["pool_after=16"])
+    evict = accuracy.engine_kwargs("evict", 0.1, None, ahead)["additional_config"]["kvreviver"]
+    assert evict == {"budget": 0.1, "variant": "evict", "pool_before": 3, "pool_after": 3}
+    evict = accuracy.engine_kwargs("evict-ahead", 0.1, None, ahead)["additional_config"]["kvreviver"]
+    assert evict == {"budget": 0.1, "pool_after": 16, "variant": "evict"}
     with pytest.raises(SystemExit, match="recent=0 is out of range"):
         accuracy.parse_knobs(["recent=0"])
     with pytest.raises(SystemExit, match="--set bits: the methods"):
