@@ -7,8 +7,9 @@ Every token demoted from the exact cache is kept as a fixed-size *record*:
 Keys and values are quantized per token, asymmetric min/max, in groups of
 ``group`` channels (32, or 16 where 32 does not divide the head size), key
 codes packed little-endian at ``bits`` bits and value codes at ``value_bits``
-(the same by default); scale and min are float16, position int32, score float32 (``sketch.quantize_records``, compiled in ``csrc/``). Records are packed back to back into
-the request's own paged slots (a record may straddle two slots, so no byte is
+(the same by default); scale and min are float16, position int32, score
+float32 (``sketch.quantize_records``, compiled in ``csrc/``). Records are packed
+back to back into the request's own paged slots (a record may straddle two slots, so no byte is
 wasted), so revival needs no memory outside the request's blocks.
 """
 
