@@ -140,15 +140,17 @@ class TaskGenerator:
         return str(rng.randint(10000, 99999))
 
     # -- tasks --------------------------------------------------------------
-    def _passkey(self, rng, context_tokens, index, count, style) -> Sample:
-        key = self._number(rng)
+    def _passkey(self, rng, context_tokens, index, count, style, key=None,
+                 task=None) -> Sample:
+        """One needle holding ``key`` (a 5-digit number unless given) in ``style`` filler."""
+        key = key or self._number(rng)
         head = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
         ids = self._with_needles(
             rng, context_tokens, head, [needle], "\nWhat is the pass key? The pass key is",
             style, [self._depth(index, count)],
         )
-        return Sample(f"passkey-{style}", ids, context_tokens, key)
+        return Sample(task or f"passkey-{style}", ids, context_tokens, key)
 
     def _passkey_repeat(self, rng, context_tokens, index, count) -> Sample:
         return self._passkey(rng, context_tokens, index, count, "repeat")
@@ -161,13 +163,7 @@ class TaskGenerator:
         observation window scores where the key starts; the digits after it are
         needed only while the answer is decoded."""
         key = "-".join(self._number(rng) for _ in range(4))
-        head = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        ids = self._with_needles(
-            rng, context_tokens, head, [needle], "\nWhat is the pass key? The pass key is",
-            "natural", [self._depth(index, count)],
-        )
-        return Sample("passkey-long", ids, context_tokens, key)
+        return self._passkey(rng, context_tokens, index, count, "natural", key, "passkey-long")
 
     def _multikey(self, rng, context_tokens, index, count) -> Sample:
         """Four similar needles (one per colour); the question asks for one."""
