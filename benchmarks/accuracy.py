@@ -63,6 +63,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvreviver_vllm.tasks import TASKS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_TOKENS = 32
 # A retrieval task carries a claim (and is run for every method) only where the
@@ -90,7 +92,6 @@ BUDGETED = ("streaming", "evict", "evict-ahead", "sketch", "uniform", "quantized
 # SnapKV's pooling (kernel 7): the ``evict`` baseline keeps it whatever ``--set`` says.
 SNAPKV_POOL = {"pool_before": 3, "pool_after": 3}
 ALL_METHODS = ("full", "fp8") + BUDGETED
-ALL_TASKS = ("passkey-repeat", "passkey-natural", "passkey-long", "multikey", "kv-retrieval", "variables", "loss")
 
 # The default grid. quantized-2bit is left out (at 10% and 25% it lost to 4 and 3 bits
 # on every task, loss +0.22); ``--methods`` still runs it.
@@ -98,7 +99,7 @@ STANDARD = Grid(
     contexts=(2048,),
     budgets=(0.1, 0.25),
     methods=tuple(m for m in ALL_METHODS if m != "quantized-2bit"),
-    tasks=ALL_TASKS,
+    tasks=TASKS,
     samples=8,
 )
 # The whole grid of the issue: many hours on that machine (``--grid full``).
@@ -106,7 +107,7 @@ FULL = Grid(
     contexts=(2048, 4096, 8192),
     budgets=(0.05, 0.1, 0.25, 0.5),
     methods=ALL_METHODS,
-    tasks=ALL_TASKS,
+    tasks=TASKS,
     samples=8,
     long_context_budgets=(0.1, 0.25),
 )
