@@ -539,7 +539,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="subset of methods")
     parser.add_argument("--budgets", nargs="+", type=float, help="subset of budgets")
     parser.add_argument("--contexts", nargs="+", type=int, help="context lengths (tokens)")
-    parser.add_argument("--tasks", nargs="+", help="subset of tasks")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="subset of tasks")
     parser.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (default 512)")
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="engines run side by side, each on its own cores (default: 2, "
