@@ -63,7 +63,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvreviver_vllm.tasks import TASKS
+from kvreviver_vllm.tasks import TASKS, TaskGenerator, is_correct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_TOKENS = 32
@@ -219,7 +219,6 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
     from vllm.inputs import TokensPrompt
 
     from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
-    from kvreviver_vllm.tasks import is_correct
     from kvreviver_vllm.teacher_forcing import ForcedTokensLogitsProcessor, teacher_forced
 
     max_len = max(len(s.prompt_ids) + max(len(s.forced_ids), MAX_TOKENS) for s in samples) + 8
@@ -569,7 +568,6 @@ def main() -> int:
     from kvreviver_vllm.config import KVReviverConfig
     from kvreviver_vllm.models import default_model_dir
     from kvreviver_vllm.sketch import slot_width
-    from kvreviver_vllm.tasks import TaskGenerator
 
     import torch
 
