@@ -191,7 +191,11 @@ def test_attention_error_probe_measures_compression(model_dir, tokenizer, budget
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
               attention_backend="kvreviver", enable_prefix_caching=False,
-              max_num_batched_tokens=512, additional_config={"kvreviver": {"budget": budget, "variant": variant}})
+              max_num_batched_tokens=512, block_size=BLOCK_SIZE,
+              # An explicit pool: without one vLLM's CPU worker demands 92% of the
+              # NUMA node free at startup, which fails beside any other process.
+              kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
+              additional_config={"kvreviver": {"budget": budget, "variant": variant}})
     try:
         assert llm.collective_rpc(install_attention_error_probe, args=(steps,)) == [layers]
         lens = (1500, 2200)
