@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/python -m pytest -v "$@"
+# bf16 runs far slower on hosts without AVX-512 (README: Quick start); say which this is.
+.venv/bin/python -c "import torch; print('torch CPU capability:', torch.backends.cpu.get_cpu_capability())"
+exec .venv/bin/python -m pytest -v --durations=10 "$@"
