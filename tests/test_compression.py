@@ -7,6 +7,7 @@ in-process, so the test reads the scheduler's own block lists and running queue.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -58,6 +59,27 @@ def decode_cap_blocks(num_tokens: int, budget: float) -> int:
     """Blocks a decoding request holds at most: its budget plus the decode room."""
     budget_tokens = max(math.ceil(budget * num_tokens), 4 + 64)
     return math.ceil(min(num_tokens, budget_tokens + DECODE_ROOM) / BLOCK_SIZE)
+
+
+@contextlib.contextmanager
+def kvreviver_engine(model_dir: str, **kvreviver):
+    """An in-process engine on this package's backend (``kvreviver`` is its config
+    section), for the tests that install checks in its worker; shut down on exit."""
+    from vllm import LLM
+
+    # collective_rpc ships a Python function to the worker.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+              attention_backend="kvreviver", enable_prefix_caching=False,
+              max_num_batched_tokens=CHUNK, block_size=BLOCK_SIZE,
+              # An explicit pool: without one vLLM's CPU worker demands 92% of the
+              # NUMA node free at startup, which fails beside any other process.
+              kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
+              additional_config={"kvreviver": kvreviver})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def test_budget_caps_blocks_and_multiplies_concurrency(model_dir, capsys):
@@ -136,29 +158,19 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
     selected exact slots and stores exactly the demoted tokens (the mixed store: the
     former only; test_vague_store checks its records), every decode step attends
     over exactly the revived store plus the exact slots."""
-    import os
-
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from kvreviver_vllm.diagnostics import install_store_checks, store_check_results
     from prompts import make_prompt
 
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
-              attention_backend="kvreviver", enable_prefix_caching=False,
-              max_num_batched_tokens=CHUNK, block_size=BLOCK_SIZE,
-              kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
-              additional_config={"kvreviver": {"budget": 0.25, "variant": variant, **extra}})
-    try:
+    with kvreviver_engine(model_dir, budget=0.25, variant=variant, **extra) as llm:
         layers = ["model.layers.0.self_attn.attn", "model.layers.15.self_attn.attn",
                   "model.layers.29.self_attn.attn"]
         assert llm.collective_rpc(install_store_checks, args=(layers,)) == [3]
         prompts = [TokensPrompt(prompt_token_ids=make_prompt(tokenizer, n, seed=n)) for n in (1500, 2200)]
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
         checks = llm.collective_rpc(store_check_results)[0]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
     compactions = [c for c in checks if c[0] == "compaction"]
     decodes = [c for c in checks if c[0] == "decode"]
     # Per layer: several compactions per request; decode steps of one request that
@@ -178,32 +190,21 @@ def test_attention_error_probe_measures_compression(model_dir, tokenizer, budget
     """The accuracy harness's attention-output error (kvreviver_vllm.diagnostics.
     install_attention_error_probe): with nothing compressed it is bf16 rounding only;
     under compression it is measured on every layer, for every prompt, and is larger."""
-    import os
     import statistics
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
     from prompts import make_prompt
 
     steps, layers = 4, 30
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
-              attention_backend="kvreviver", enable_prefix_caching=False,
-              max_num_batched_tokens=512, block_size=BLOCK_SIZE,
-              # An explicit pool: without one vLLM's CPU worker demands 92% of the
-              # NUMA node free at startup, which fails beside any other process.
-              kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
-              additional_config={"kvreviver": {"budget": budget, "variant": variant}})
-    try:
+    with kvreviver_engine(model_dir, budget=budget, variant=variant) as llm:
         assert llm.collective_rpc(install_attention_error_probe, args=(steps,)) == [layers]
         lens = (1500, 2200)
         prompts = [TokensPrompt(prompt_token_ids=make_prompt(tokenizer, n, seed=n)) for n in lens]
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
         errors = llm.collective_rpc(attention_error_results)[0]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
     # Every layer, every prompt, the first `steps` decode steps, once each.
     assert sorted({(r, n, layer, step) for r, n, layer, step, _ in errors}) == sorted(
         (r, n, layer, step) for r, n in enumerate(lens) for layer in range(layers)
