@@ -63,6 +63,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvreviver_vllm.host import BF16, FLOAT32, fast_dtype
 from kvreviver_vllm.tasks import TASKS, TaskGenerator, is_correct
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -195,14 +196,28 @@ def engine_kwargs(method: str, budget: float | None, bits: int | None,
 
 # -- running -------------------------------------------------------------------
 
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", choices=[BF16, FLOAT32],
+        help="model and KV cache dtype (default: bfloat16, the committed figures'; with "
+        "--quick: bfloat16 where this CPU computes it fast, else float32). In float32 a KV "
+        "slot is twice the bytes, so a budget holds about twice the store records")
+
+
+def resolve_dtype(args: argparse.Namespace) -> str:
+    """``--dtype``, else bf16 (the committed figures'), else for ``--quick`` the dtype
+    this CPU computes fast: bf16 without AVX-512 is ~50x slower (kvreviver_vllm.host)."""
+    return args.dtype or (fast_dtype() if args.quick else BF16)
+
+
 @contextlib.contextmanager
-def engine(model_dir: str, max_len: int, chunk: int, **kwargs):
-    """The offline engine every benchmark configuration runs on (bf16, eager, prompts
-    chunked at ``chunk`` tokens, no prefix cache), shut down on exit."""
+def engine(model_dir: str, max_len: int, chunk: int, dtype: str = BF16, **kwargs):
+    """The offline engine every benchmark configuration runs on (eager, prompts chunked
+    at ``chunk`` tokens, no prefix cache), shut down on exit."""
     from vllm import LLM
 
     llm = LLM(
-        model=model_dir, dtype="bfloat16", max_model_len=max_len, enforce_eager=True,
+        model=model_dir, dtype=dtype, max_model_len=max_len, enforce_eager=True,
         seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False, **kwargs,
     )
     try:
@@ -487,7 +502,8 @@ def write_report(args, grid: Grid, runs: list[Run], skipped: list[str],
     command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     report = dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=command, seed=args.seed, chunk=args.chunk, grid=asdict(grid), skipped=skipped,
+        command=command, seed=args.seed, chunk=args.chunk, dtype=resolve_dtype(args),
+        grid=asdict(grid), skipped=skipped,
         claims=sorted([c, t] for c, t in claims),
         runs=[dict(method=r.method, budget=r.budget, config=r.config, seconds=r.seconds,
                    attention_error=r.attention_error) for r in runs],
@@ -495,7 +511,8 @@ def write_report(args, grid: Grid, runs: list[Run], skipped: list[str],
     )
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"{stem}.md").write_text(
-        f"Command: `python benchmarks/{command}` (seed {args.seed}, chunk {args.chunk})\n\n" + table
+        f"Command: `python benchmarks/{command}` (seed {args.seed}, chunk {args.chunk}, "
+        f"{resolve_dtype(args)})\n\n" + table
     )
     plot(rows, grid, args.out / f"{stem}.png")
     return table
@@ -546,6 +563,7 @@ def main() -> int:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="kvreviver config keys for every KVReviver method, e.g. "
                         "recent=32 score_window=128 (recorded in the report's configs)")
+    add_dtype_argument(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--cache", type=Path, default=RESULTS / ".cache",
                         help="saved stock-vLLM runs (reused when prompts and settings match)")
@@ -554,6 +572,7 @@ def main() -> int:
     shares = ["auto"] if args.jobs == 1 else core_shares(args.jobs)
 
     knobs = parse_knobs(args.set)
+    dtype = resolve_dtype(args)
     grid = QUICK if args.quick else FULL if args.grid == "full" else STANDARD
     overrides = {k: tuple(v) for k, v in dict(
         methods=args.methods, budgets=args.budgets, contexts=args.contexts, tasks=args.tasks,
@@ -582,7 +601,8 @@ def main() -> int:
     }
 
     defaults = KVReviverConfig(**knobs)  # --set recent/sink change what uniform must hold
-    slot_bytes = slot_width(64, torch.bfloat16) * 2
+    torch_dtype = getattr(torch, dtype)
+    slot_bytes = slot_width(64, torch_dtype) * torch_dtype.itemsize
     protected = defaults.sink + defaults.recent
     plan, skipped = [], []  # (method, budget, kwargs, contexts) to run, labels that cannot
     for method, budget in [("full", None)] + [(m, None) for m in grid.methods if m not in BUDGETED + ("full",)] + [
@@ -596,6 +616,8 @@ def main() -> int:
             widths = {uniform_bits(budget, c, 64, slot_bytes, protected) for c in contexts}
             bits = None if None in widths else min(widths)
         kwargs = engine_kwargs(method, budget, bits, knobs)
+        if kwargs is not None:
+            kwargs = {"dtype": dtype, **kwargs}  # recorded in the report's configs
         if method == "sketch" and any(
             math.ceil(budget * c) < defaults.sketch_rows * defaults.sketch_buckets + protected
             for c in contexts

@@ -70,22 +70,22 @@ def generate(model_dir: str, kwargs: dict, samples, chunk: int, probe: bool):
     return outs, held
 
 
-def full_cache_answers(model_dir: str, samples, chunk: int) -> list[bool]:
+def full_cache_answers(model_dir: str, samples, chunk: int, dtype: str) -> list[bool]:
     """Whether stock vLLM with the full cache answers each sample."""
     from kvreviver_vllm.tasks import is_correct
 
-    outs, _ = generate(model_dir, {}, samples, chunk, probe=False)
+    outs, _ = generate(model_dir, {"dtype": dtype}, samples, chunk, probe=False)
     return [is_correct(s, o.outputs[0].text) for s, o in zip(samples, outs)]
 
 
-def run_config(model_dir: str, method: str, budget: float, samples, chunk: int, tokenizer,
-               full_correct: list[bool], knobs: dict | None = None):
+def run_config(model_dir: str, method: str, budget: float, samples, chunk: int, dtype: str,
+               tokenizer, full_correct: list[bool], knobs: dict | None = None):
     """Per sample: correct (and whether the full cache is), and per (layer, head) whether
     the answer is held (any / exact) and how many prompt tokens are held."""
     from kvreviver_vllm.tasks import is_correct
 
-    outs, held = generate(model_dir, accuracy.engine_kwargs(method, budget, None, knobs), samples,
-                          chunk, probe=True)
+    kwargs = {"dtype": dtype, **accuracy.engine_kwargs(method, budget, None, knobs)}
+    outs, held = generate(model_dir, kwargs, samples, chunk, probe=True)
     by_request: dict[int, list[tuple[list[int], list[int]]]] = {}
     for serial, _, _, exact, vague in held:
         by_request.setdefault(serial, []).append((exact, vague))
@@ -183,9 +183,11 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="kvreviver config keys for every method, as in accuracy.py")
+    accuracy.add_dtype_argument(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     knobs = accuracy.parse_knobs(args.set)
+    dtype = accuracy.resolve_dtype(args)
     if args.quick:
         args.budgets, args.context, args.tasks, args.samples = [0.25], 1024, ["passkey-repeat"], 2
     bad = [b for b in args.budgets if not 0 < b < 1]
@@ -204,13 +206,13 @@ def main() -> int:
     samples = [s for task in args.tasks
                for s in generator.samples(task, args.context, args.samples, args.seed)]
     start = time.perf_counter()
-    full_correct = full_cache_answers(model_dir, samples, args.chunk)
+    full_correct = full_cache_answers(model_dir, samples, args.chunk, dtype)
     rows, seconds, per_samples = [], {"full": time.perf_counter() - start}, {}
     for budget in args.budgets:
         for method in args.methods:
             start = time.perf_counter()
-            per_sample = run_config(model_dir, method, budget, samples, args.chunk, tokenizer,
-                                    full_correct, knobs)
+            per_sample = run_config(model_dir, method, budget, samples, args.chunk, dtype,
+                                    tokenizer, full_correct, knobs)
             seconds[f"{method}@{budget:g}"] = time.perf_counter() - start
             per_samples[f"{method}@{budget:g}"] = per_sample
             rows += summarize(method, budget, per_sample)
@@ -221,11 +223,13 @@ def main() -> int:
     stem = "coverage_quick" if args.quick else "coverage"
     (args.out / f"{stem}.json").write_text(json.dumps(dict(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=command, seed=args.seed, context=args.context, knobs=knobs, seconds=seconds, rows=rows,
+        command=command, seed=args.seed, context=args.context, dtype=dtype, knobs=knobs,
+        seconds=seconds, rows=rows,
         samples=per_samples,
     ), indent=1))
     (args.out / f"{stem}.md").write_text(
-        f"Command: `python benchmarks/{command}` (seed {args.seed}, ~{args.context} tokens)\n\n{table}\n")
+        f"Command: `python benchmarks/{command}` (seed {args.seed}, ~{args.context} tokens, "
+        f"{dtype})\n\n{table}\n")
     plot(rows, args.out / f"{stem}.png")
     print(table)
     return 0

@@ -1,7 +1,8 @@
 """Serving throughput: stock vLLM against vLLM + KVReviver, same KV memory, same requests.
 
 Each configuration is a real ``kvreviver serve`` (the OpenAI server, ``vllm serve`` with
-this package's CPU defaults: bf16, eager, no prefix caching) on the default model; stock
+this package's CPU defaults: eager, no prefix caching; bf16 unless ``--dtype``) on the
+default model; stock
 vLLM is the same command with ``--attention-backend CPU_ATTN``. Both prefill in chunks of
 512 tokens (``--max-num-batched-tokens``, the serve default here). A KVReviver request
 holds its whole prompt while reading it, as stock vLLM does, and its budget plus a
@@ -74,6 +75,8 @@ class Setup:
     """--max-num-batched-tokens of stock vLLM (the serve default here)."""
     chunk: int = 512
     """--max-num-batched-tokens with KVReviver."""
+    dtype: str = "bfloat16"
+    """Model and KV cache dtype (--quick: the one this CPU computes fast)."""
 
 
 QUICK = Setup(requests=4, input_len=512, output_len=16, pool_requests=2, budgets=(0.25,),
@@ -126,9 +129,9 @@ class Server:
     """``kvreviver serve`` for one configuration, stopped on exit."""
 
     def __init__(self, budget: float | None, pool_bytes: int, max_len: int, block_size: int,
-                 chunk: int, log_dir: Path) -> None:
+                 chunk: int, dtype: str, log_dir: Path) -> None:
         self.port = _free_port()
-        args = ["--port", str(self.port), "--max-model-len", str(max_len),
+        args = ["--port", str(self.port), "--max-model-len", str(max_len), "--dtype", dtype,
                 "--kv-cache-memory-bytes", str(pool_bytes), "--block-size", str(block_size),
                 # vLLM wants at least as many batched tokens as sequences.
                 "--max-num-seqs", str(min(256, chunk)), "--max-num-batched-tokens", str(chunk)]
@@ -305,11 +308,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 # -- main --------------------------------------------------------------------------
 
-def stock_bytes_per_token(model_dir: str) -> int:
-    """Stock vLLM's KV bytes per token for the model (all layers, K and V, bf16)."""
+def stock_bytes_per_token(model_dir: str, dtype: str) -> int:
+    """Stock vLLM's KV bytes per token for the model (all layers, K and V)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * 2
+    value_bytes = 4 if dtype == "float32" else 2
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * value_bytes
 
 
 def main() -> int:
@@ -323,11 +327,19 @@ def main() -> int:
                         help="KVReviver budgets under pressure (default: 0.1 0.25)")
     parser.add_argument("--chunk", type=int,
                         help="KVReviver's --max-num-batched-tokens (default: 512)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"],
+                        help="model and KV cache dtype (default: bfloat16; with --quick: bfloat16 "
+                        "where this CPU computes it fast, else float32)")
     parser.add_argument("--no-stock", action="store_true",
                         help="skip stock vLLM (no ratios; for probing one setting)")
     args = parser.parse_args()
     setup = QUICK if args.quick else Setup()
-    overrides = {"budgets": tuple(args.budgets) if args.budgets else None, "chunk": args.chunk}
+    if args.quick and not args.dtype:
+        from kvreviver_vllm.host import fast_dtype
+
+        args.dtype = fast_dtype()
+    overrides = {"budgets": tuple(args.budgets) if args.budgets else None, "chunk": args.chunk,
+                 "dtype": args.dtype}
     setup = replace(setup, **{k: v for k, v in overrides.items() if v is not None})
     for name, value in (("--budgets", setup.budgets), ("--chunk", (setup.chunk,))):
         if any(v <= 0 for v in value):
@@ -338,7 +350,7 @@ def main() -> int:
     from kvreviver_vllm.models import prepare_default_model
 
     model_dir = str(prepare_default_model())
-    per_token = stock_bytes_per_token(model_dir)
+    per_token = stock_bytes_per_token(model_dir, setup.dtype)
     work = Path(tempfile.mkdtemp(prefix="kvreviver-throughput-"))
     started = time.perf_counter()
     results: list[Result] = []
@@ -376,7 +388,7 @@ def main() -> int:
         config = STOCK if budget is None else f"kvreviver@{budget:g}"
         chunk = setup.stock_chunk if budget is None else setup.chunk
         print(f"[throughput] {config}, pool {pool / 2**20:.0f} MiB ...", flush=True)
-        with Server(budget, pool, max_len, setup.block_size, chunk, work) as server:
+        with Server(budget, pool, max_len, setup.block_size, chunk, setup.dtype, work) as server:
             for scenario, load, bench_args in loads:
                 r = measure(scenario, config, budget, load, server, model_dir=model_dir,
                             seed=args.seed, work=work, **bench_args)

@@ -13,14 +13,15 @@ import os
 import shutil
 import sys
 
+from kvreviver_vllm.host import fast_dtype
 from kvreviver_vllm.models import DEFAULT_MODEL_NAME, prepare_default_model
 
 # (flag, value or None for a switch); skipped when the user passes the flag.
+# --dtype is added by serve_command: bf16 where the CPU computes it fast.
 SERVE_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--attention-backend", "kvreviver"),
     ("--host", "127.0.0.1"),
     ("--port", "8000"),
-    ("--dtype", "bfloat16"),
     ("--max-model-len", "8192"),
     ("--served-model-name", DEFAULT_MODEL_NAME),
     ("--enforce-eager", None),
@@ -42,7 +43,7 @@ def _given(flag: str, args: list[str]) -> bool:
 def serve_command(model: str, extra: list[str]) -> list[str]:
     """The full ``vllm serve`` command line for ``model`` plus the user's flags."""
     cmd = ["vllm", "serve", model]
-    for flag, value in SERVE_DEFAULTS:
+    for flag, value in (*SERVE_DEFAULTS, ("--dtype", fast_dtype())):
         if not _given(flag, extra):
             cmd += [flag] if value is None else [flag, value]
     return cmd + extra

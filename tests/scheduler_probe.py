@@ -33,7 +33,7 @@ def run(scenario: dict) -> dict:
     from kvreviver_vllm.diagnostics import builder_cuts
 
     tokenizer = AutoTokenizer.from_pretrained(scenario["model"])
-    kwargs = dict(model=scenario["model"], dtype=scenario.get("dtype", "bfloat16"),
+    kwargs = dict(model=scenario["model"], dtype=scenario["dtype"],
                   enforce_eager=True, seed=0, **scenario.get("engine", {}))
     if scenario.get("backend"):
         kwargs["attention_backend"] = scenario["backend"]

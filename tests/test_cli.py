@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvreviver_vllm.cli import DEFAULT_KV_CACHE_GIB, serve_command, serve_environment
+from kvreviver_vllm.host import fast_dtype
 
 
 def test_serve_defaults():
@@ -10,7 +11,7 @@ def test_serve_defaults():
     assert cmd[:3] == ["vllm", "serve", "/m"]
     joined = " ".join(cmd)
     for part in ("--attention-backend kvreviver", "--host 127.0.0.1", "--port 8000",
-                 "--dtype bfloat16", "--max-model-len 8192", "--enforce-eager",
+                 f"--dtype {fast_dtype()}", "--max-model-len 8192", "--enforce-eager",
                  "--no-enable-prefix-caching", "--max-num-batched-tokens 512"):
         assert part in joined
 

@@ -18,26 +18,32 @@ from pathlib import Path
 import pytest
 
 from kvreviver_vllm.backend.common import DECODE_ROOM
+from kvreviver_vllm.host import fast_dtype
 
 pytestmark = pytest.mark.engine
 
 PROBE = Path(__file__).parent / "scheduler_probe.py"
 BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
 CHUNK = 512  # --max-num-batched-tokens: the most tokens one request gets per step
-# Stock vLLM's bf16 page for this model: 30 layers x 3 KV heads x 32 tokens x 128 x 2 B.
-STOCK_BLOCK_BYTES = 30 * 3 * BLOCK_SIZE * 128 * 2
+# The engines run in the dtype this CPU computes fast (bf16, or float32 without AVX-512).
+DTYPE = fast_dtype()
+
+
+def stock_block_bytes(dtype: str) -> int:
+    """Stock vLLM's page for this model: 30 layers x 3 KV heads x 32 tokens x 128 values."""
+    return 30 * 3 * BLOCK_SIZE * 128 * (4 if dtype == "float32" else 2)
 
 
 def probe(model_dir: str, backend: str | None, prompt_lens: list[int], max_tokens: int,
           pool_blocks: int, budget: float = 1.0, variant: str = "evict",
-          max_model_len: int = 2560, dtype: str = "bfloat16", over_admit: bool = False,
+          max_model_len: int = 2560, dtype: str = DTYPE, over_admit: bool = False,
           **extra) -> dict:
     engine = dict(
         max_model_len=max_model_len,
         block_size=BLOCK_SIZE,
         max_num_batched_tokens=CHUNK,
         enable_prefix_caching=False,
-        kv_cache_memory_bytes=pool_blocks * STOCK_BLOCK_BYTES * (2 if dtype == "float32" else 1),
+        kv_cache_memory_bytes=pool_blocks * stock_block_bytes(dtype),
         # vLLM admits a request only when its whole prompt fits; over-admitting
         # (first chunk only) makes running requests outgrow the pool and be preempted.
         scheduler_reserve_full_isl=not over_admit,
@@ -69,12 +75,12 @@ def kvreviver_engine(model_dir: str, **kvreviver):
 
     # collective_rpc ships a Python function to the worker.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+    llm = LLM(model=model_dir, dtype=DTYPE, max_model_len=4096, enforce_eager=True,
               attention_backend="kvreviver", enable_prefix_caching=False,
               max_num_batched_tokens=CHUNK, block_size=BLOCK_SIZE,
               # An explicit pool: without one vLLM's CPU worker demands 92% of the
               # NUMA node free at startup, which fails beside any other process.
-              kv_cache_memory_bytes=200 * STOCK_BLOCK_BYTES,
+              kv_cache_memory_bytes=200 * stock_block_bytes(DTYPE),
               additional_config={"kvreviver": kvreviver})
     try:
         yield llm
@@ -188,7 +194,7 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
 @pytest.mark.parametrize("budget, variant", [(1.0, "quantized"), (0.1, "evict"), (0.1, "quantized")])
 def test_attention_error_probe_measures_compression(model_dir, tokenizer, budget, variant):
     """The accuracy harness's attention-output error (kvreviver_vllm.diagnostics.
-    install_attention_error_probe): with nothing compressed it is bf16 rounding only;
+    install_attention_error_probe): with nothing compressed it is rounding only;
     under compression it is measured on every layer, for every prompt, and is larger."""
     import statistics
 
@@ -212,6 +218,6 @@ def test_attention_error_probe_measures_compression(model_dir, tokenizer, budget
     )
     values = [e for *_, e in errors]
     if budget == 1.0:
-        assert max(values) < 0.02  # the backend's bf16 output against float32
+        assert max(values) < 0.02  # the backend's output (bf16 or float32) against float32
     else:
         assert statistics.fmean(values) > 0.02, statistics.fmean(values)
