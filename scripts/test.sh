@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# bf16 runs far slower on hosts without AVX-512 (README: Quick start); say which this is.
-.venv/bin/python -c "import torch; print('torch CPU capability:', torch.backends.cpu.get_cpu_capability())"
+# bf16 runs far slower on x86 hosts without AVX-512, where the engine tests run float32
+# (README: Quick start); say which this is.
+.venv/bin/python -c "import torch; from kvreviver_vllm.host import fast_dtype; \
+print('torch CPU capability:', torch.backends.cpu.get_cpu_capability(), '-> engine dtype', fast_dtype())"
 exec .venv/bin/python -m pytest -v --durations=10 "$@"
