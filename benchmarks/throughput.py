@@ -2,11 +2,10 @@
 
 Each configuration is a real ``kvreviver serve`` (the OpenAI server, ``vllm serve`` with
 this package's CPU defaults: eager, no prefix caching; bf16 unless ``--dtype``) on the
-default model; stock
-vLLM is the same command with ``--attention-backend CPU_ATTN``. Both prefill in chunks of
-512 tokens (``--max-num-batched-tokens``, the serve default here). A KVReviver request
-holds its whole prompt while reading it, as stock vLLM does, and its budget plus a
-32-token decode room after its first output token.
+default model; stock vLLM is the same command with ``--attention-backend CPU_ATTN``.
+Both prefill in chunks of 512 tokens (``--max-num-batched-tokens``, the serve default
+here). A KVReviver request holds its whole prompt while reading it, as stock vLLM does,
+and its budget plus a 32-token decode room after its first output token.
 The load is vLLM's own ``vllm bench serve`` (random-token prompts, seeded, EOS ignored),
 and a thread polls the server's ``/metrics`` for running requests and KV usage.
 

@@ -29,7 +29,7 @@ def test_quick_coverage_end_to_end(tmp_path, model_dir):
     for row in rows.values():
         assert row["samples"] == 2 and 0 <= row["exact"] <= row["held"] <= 1
     # Eviction holds exactly its budget of the prompt, all of it exact; the 4-bit
-    # store holds about three tokens per slot of the same budget.
+    # store holds about three tokens per bf16 slot of the same budget (six per float32 slot).
     assert rows["evict"]["held"] == rows["evict"]["exact"]
     assert rows["evict"]["tokens"] == pytest.approx(0.25, abs=0.01)
     assert rows["quantized"]["tokens"] > 2 * rows["evict"]["tokens"]
