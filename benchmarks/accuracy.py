@@ -1,7 +1,7 @@
 """Long-context accuracy of KVReviver against full cache and the baselines, in real vLLM.
 
 Every method runs the real engine (offline ``vllm.LLM``) on the default model with the
-same seeded prompts (``kvreviver_vllm.tasks``), greedy, bf16, prompts chunked at
+same seeded prompts (``harness.tasks``), greedy, bf16, prompts chunked at
 ``--chunk`` tokens (the serving default is 512):
 
 * ``full``: stock vLLM, full cache (the reference);
@@ -24,7 +24,7 @@ Per method, budget (a fraction of each request's context), context length and ta
 accuracy (answer in the 32 greedy tokens) and greedy agreement with full cache over those
 32 tokens (fraction of tokens before the first difference). The ``loss`` task feeds a
 window of natural text's continuation through decode steps, teacher-forced
-(``kvreviver_vllm.teacher_forcing``), so that every scored position is served by the
+(``harness.teacher_forcing``), so that every scored position is served by the
 compressed cache: next-token loss (nats/token) of the forced tokens, and KL(full || method)
 of the next-token distribution at each forced position over full cache's top 20 tokens
 plus one bucket for the rest (a token outside a method's top 20 gets its 20th
@@ -34,7 +34,7 @@ methods; stock vLLM runs its own kernel, which this harness does not hook) is me
 inside the worker on the first ``ERROR_STEPS`` decode steps of every retrieval prompt, at
 every layer: ``|o - o_full| / |o_full|`` against float32 attention of the same query over
 every key and value the request wrote
-(``kvreviver_vllm.diagnostics.install_attention_error_probe``), averaged over prompts,
+(``harness.probes.install_attention_error_probe``), averaged over prompts,
 layers and steps.
 
 Run:  .venv/bin/python benchmarks/accuracy.py [--quick] [--out DIR] [--seed N] [--jobs N]
@@ -63,8 +63,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.tasks import TASKS, TaskGenerator, is_correct
+
 from kvreviver_vllm.host import BF16, FLOAT32, fast_dtype
-from kvreviver_vllm.tasks import TASKS, TaskGenerator, is_correct
+from kvreviver_vllm.policy import SNAPKV_POOL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_TOKENS = 32
@@ -90,8 +92,7 @@ class Grid:
 
 BUDGETED = ("streaming", "evict", "evict-ahead", "sketch", "uniform", "quantized", "quantized-3bit",
             "quantized-2bit")
-# SnapKV's pooling (kernel 7): the ``evict`` baseline keeps it whatever ``--set`` says.
-SNAPKV_POOL = {"pool_before": 3, "pool_after": 3}
+# The ``evict`` baseline keeps SnapKV's pooling (kernel 7) whatever ``--set`` says.
 ALL_METHODS = ("full", "fp8") + BUDGETED
 
 # The default grid. quantized-2bit is left out (at 10% and 25% it lost to 4 and 3 bits
@@ -186,7 +187,7 @@ def engine_kwargs(method: str, budget: float | None, bits: int | None,
     elif method.startswith("quantized-"):  # quantized-3bit, quantized-2bit
         section.update(variant="quantized", bits=int(method.removeprefix("quantized-")[0]))
     elif method == "evict":
-        section.update(variant="evict", **SNAPKV_POOL)
+        section.update(variant="evict", pool_before=SNAPKV_POOL[0], pool_after=SNAPKV_POOL[1])
     elif method == "evict-ahead":
         section["variant"] = "evict"
     else:
@@ -233,8 +234,8 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
-    from kvreviver_vllm.teacher_forcing import ForcedTokensLogitsProcessor, teacher_forced
+    from harness.probes import attention_error_results, install_attention_error_probe
+    from harness.teacher_forcing import ForcedTokensLogitsProcessor, teacher_forced
 
     max_len = max(len(s.prompt_ids) + max(len(s.forced_ids), MAX_TOKENS) for s in samples) + 8
     probe = budget is not None  # stock vLLM runs its own attention kernel
@@ -586,7 +587,7 @@ def main() -> int:
 
     from kvreviver_vllm.config import KVReviverConfig
     from kvreviver_vllm.models import default_model_dir
-    from kvreviver_vllm.sketch import slot_width
+    from kvreviver_vllm.layout import slot_width
 
     import torch
 

@@ -58,7 +58,9 @@ from pathlib import Path
 
 import torch
 
-from kvreviver_vllm import ops, sketch
+from kvreviver_vllm import ops
+from kvreviver_vllm.layout import slot_meta, slot_width, write_store_pages
+from kvreviver_vllm.ops import reference as reference_ops
 from kvreviver_vllm.config import KVReviverConfig
 from kvreviver_vllm.stores import QuantizedStore
 
@@ -72,7 +74,7 @@ SCORE_WINDOW = KVReviverConfig().score_window
 # The backend's decode attention is also timed at this budget against vLLM's
 # attention over the full context (the issue's target: <= 1.0x at 2k, <= 0.6x at 8k).
 REVIVED_BUDGET = 0.1
-TOLERANCE = 1.6e-2  # bf16 outputs, float32 accumulation (as in tests/test_compiled_ops.py)
+TOLERANCE = 1.6e-2  # bf16 outputs, float32 accumulation (as in tests/kernels/test_compiled_ops.py)
 BASELINE = "compiled"
 COLORS = {
     "reference": "tab:blue",
@@ -143,11 +145,11 @@ def check_compiled_ops() -> None:
         )
     for name in ("write_kv", "paged_attention"):
         compiled = [a.name for a in getattr(torch.ops.kvreviver, name).default._schema.arguments]
-        reference = list(inspect.signature(getattr(sketch, name)).parameters)
+        reference = list(inspect.signature(getattr(reference_ops, name)).parameters)
         if compiled != reference:
             raise SystemExit(
                 f"kvreviver_vllm._C is stale: {name}{tuple(compiled)} does not match "
-                f"sketch.{name}{tuple(reference)}; rebuild with "
+                f"reference.{name}{tuple(reference)}; rebuild with "
                 "`pip install --no-build-isolation -e .`"
             )
 
@@ -253,7 +255,7 @@ class PagedLayout:
         self.new_slots, self.new_positions = slots[:, new].flatten(), positions[:, new].flatten()
 
     def our_cache(self) -> torch.Tensor:
-        width = sketch.slot_width(HEAD_SIZE, DTYPE)
+        width = slot_width(HEAD_SIZE, DTYPE)
         return torch.zeros(self.num_blocks, NUM_KV_HEADS, BLOCK_SIZE, width, dtype=DTYPE)
 
     def vllm_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +318,7 @@ def attention_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str,
                                     outputs["vllm"])
     compiled = torch.ops.kvreviver.paged_attention
     impls = {
-        "reference": lambda: sketch.paged_attention(outputs["reference"], *args, 0),
+        "reference": lambda: reference_ops.paged_attention(outputs["reference"], *args, 0),
         "compiled": lambda: compiled(outputs["compiled"], *args, 0),
         "compiled_scores": lambda: compiled(outputs["compiled_scores"], *args, SCORE_WINDOW),
         "vllm": vllm,
@@ -340,7 +342,7 @@ def write_random_store(cache: torch.Tensor, block_row: torch.Tensor, store: Quan
                             torch.randn(num_tokens, HEAD_SIZE, generator=gen),
                             torch.arange(num_tokens), scores(num_tokens))
                for _ in range(NUM_KV_HEADS)]
-    sketch.write_store_pages(cache, block_row, torch.stack([store.to_pages(x) for x in records]))
+    write_store_pages(cache, block_row, torch.stack([store.to_pages(x) for x in records]))
 
 
 def revived_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str, Callable]:
@@ -352,7 +354,7 @@ def revived_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str, C
     gen = torch.Generator().manual_seed(0)
     budget = math.ceil(REVIVED_BUDGET * case.context)
     exact = config.sink + config.recent
-    store = QuantizedStore(HEAD_SIZE, config.bits, sketch.slot_width(HEAD_SIZE, DTYPE) * 2)
+    store = QuantizedStore(HEAD_SIZE, config.bits, slot_width(HEAD_SIZE, DTYPE) * 2)
     pages = budget - exact
     num_vague = store.capacity(pages)
     ours = PagedLayout(replace(case, context=budget), gen)
@@ -372,7 +374,8 @@ def revived_impls(case: Case, vllm_ops, isa: str, kv_split: bool) -> dict[str, C
                                     kv_split, outputs["vllm"])
     compiled = torch.ops.kvreviver.paged_attention_quantized
     impls = {
-        "reference": lambda: sketch.paged_attention_revived(outputs["reference"], *args, 0, store, 0),
+        "reference": lambda: reference_ops.paged_attention_quantized(
+            outputs["reference"], *args, 0, store.bits, store.group, store.value_bits),
         "compiled": lambda: compiled(outputs["compiled"], *args, 0, store.bits, store.group),
         "compiled_scores": lambda: compiled(outputs["compiled_scores"], *args, SCORE_WINDOW,
                                             store.bits, store.group),
@@ -399,7 +402,7 @@ def write_kv_impls(case: Case, vllm_ops, isa: str) -> dict[str, Callable]:
     caches = {name: layout.our_cache() for name in ("reference", "compiled")}
     key_cache, value_cache = layout.vllm_cache()
     impls = {
-        "reference": lambda: sketch.write_kv(caches["reference"], *args),
+        "reference": lambda: reference_ops.write_kv(caches["reference"], *args),
         "compiled": lambda: torch.ops.kvreviver.write_kv(caches["compiled"], *args),
         "vllm": lambda: vllm_ops.cpu_attn_reshape_and_cache(
             key, value, key_cache, value_cache, layout.new_slots, isa,
@@ -418,21 +421,21 @@ def store_impls(case: Case) -> dict[str, Callable]:
     agree (``new_tokens`` tokens inserted, or ``context`` tokens revived)."""
     gen = torch.Generator().manual_seed(0)
     config = KVReviverConfig()
-    store = QuantizedStore(HEAD_SIZE, config.bits, sketch.slot_width(HEAD_SIZE, DTYPE) * 2)
+    store = QuantizedStore(HEAD_SIZE, config.bits, slot_width(HEAD_SIZE, DTYPE) * 2)
     n = case.new_tokens if case.phase == "insert" else case.context
     keys, values = (torch.randn(n, HEAD_SIZE, generator=gen) for _ in range(2))
     positions, scores = torch.randperm(8192, generator=gen)[:n], torch.rand(n, generator=gen)
-    coefficients = torch.randint(1, sketch.SKETCH_PRIME, (config.sketch_rows, 4), generator=gen)
+    coefficients = torch.randint(1, reference_ops.SKETCH_PRIME, (config.sketch_rows, 4), generator=gen)
     sums = torch.randn(config.sketch_rows, config.sketch_buckets, HEAD_SIZE, generator=gen)
     query = torch.randn(case.new_tokens, HEAD_SIZE, generator=gen)
-    records = sketch.quantize_records(keys, values, positions, scores, store.bits, store.group)
+    records = reference_ops.quantize_records(keys, values, positions, scores, store.bits, store.group)
     args = {
         "quantize_records": (keys, values, positions, scores, store.bits, store.group),
         "dequantize_records": (records, HEAD_SIZE, store.bits, store.group),
         "count_sketch_add": (sums.clone(), sums.clone(), keys, values, positions, coefficients),
         "count_sketch_logits": (query, sums, positions, coefficients),
     }[case.op]
-    reference, compiled = getattr(sketch, case.op), getattr(torch.ops.kvreviver, case.op)
+    reference, compiled = getattr(reference_ops, case.op), getattr(torch.ops.kvreviver, case.op)
     if case.op == "count_sketch_add":  # in place: compare the sums after one call each
         want, got = [a.clone() for a in args[:2]], [a.clone() for a in args[:2]]
         reference(*want, *args[2:])
@@ -451,7 +454,7 @@ def compaction_impls(case: Case) -> dict[str, Callable]:
     bytes. The copy alone is timed as ``restore`` and subtracted (``summarize``)."""
     config = KVReviverConfig()
     gen = torch.Generator().manual_seed(0)
-    store = QuantizedStore(HEAD_SIZE, config.bits, sketch.slot_width(HEAD_SIZE, DTYPE) * 2)
+    store = QuantizedStore(HEAD_SIZE, config.bits, slot_width(HEAD_SIZE, DTYPE) * 2)
     budget = math.ceil(REVIVED_BUDGET * case.context)
     exact = config.sink + config.recent + case.new_tokens
     pages = budget - config.sink - config.recent
@@ -461,7 +464,7 @@ def compaction_impls(case: Case) -> dict[str, Callable]:
     key, value = random_kv(len(layout.context_slots), gen)
     torch.ops.kvreviver.write_kv(cache, key, value, layout.context_slots,
                                  layout.context_positions + num_vague)
-    _, scores = sketch.slot_meta(cache)
+    _, scores = slot_meta(cache)
     scores.copy_(torch.rand(scores.shape, generator=gen))
     row = layout.block_table[0]
     write_random_store(cache, row, store, num_vague, gen,
@@ -470,14 +473,14 @@ def compaction_impls(case: Case) -> dict[str, Callable]:
         # Keep sink + recent exact; the store keeps as many records as before.
         kept = torch.cat([torch.arange(config.sink),
                           torch.arange(exact - config.recent, exact)]).expand(NUM_KV_HEADS, -1)
-        args = (row, pages, pages + exact, num_vague, kept, num_vague)
-        reference = lambda c: sketch.compact_into_store(c, *args, store, 0)  # noqa: E731
-        compiled = lambda c: torch.ops.kvreviver.compact_quantized(  # noqa: E731
-            c, *args, store.bits, store.group)
+        args = (row, pages, pages + exact, num_vague, kept, num_vague, store.bits, store.group,
+                store.value_bits, store.pool_before, store.pool_after)
+        reference = lambda c: reference_ops.compact_quantized(c, *args)  # noqa: E731
+        compiled = lambda c: torch.ops.kvreviver.compact_quantized(c, *args)  # noqa: E731
     else:
         kept = torch.stack([torch.randperm(pages + exact, generator=gen)[:budget].sort().values
                             for _ in range(NUM_KV_HEADS)])
-        reference = lambda c: sketch.compact(c, row, kept)  # noqa: E731
+        reference = lambda c: reference_ops.compact_slots(c, row, kept)  # noqa: E731
         compiled = lambda c: torch.ops.kvreviver.compact_slots(c, row, kept)  # noqa: E731
     want, got = cache.clone(), cache.clone()
     reference(want)

@@ -3,10 +3,10 @@
 A retrieval prompt fails under compression either because the answer's tokens left
 the cache (coverage) or because what was kept is too coarse to read (precision).
 This tells the two apart. For each method and budget it runs the retrieval prompts of
-``kvreviver_vllm.tasks`` in real vLLM (greedy, as ``accuracy.py`` does) and records,
+``harness.tasks`` in real vLLM (greedy, as ``accuracy.py`` does) and records,
 at each request's first compaction (its first decode step, where the prompt is brought
 to budget), which prompt positions every (layer, KV head) still holds
-(``kvreviver_vllm.diagnostics.install_coverage_probe``). Per task it reports:
+(``harness.probes.install_coverage_probe``). Per task it reports:
 
 * ``held``: the fraction of (layer, KV head) pairs that hold every token of at least
   one copy of the answer's digits, exact or in the store;
@@ -57,7 +57,7 @@ def generate(model_dir: str, kwargs: dict, samples, chunk: int, probe: bool):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvreviver_vllm.diagnostics import coverage_results, install_coverage_probe
+    from harness.probes import coverage_results, install_coverage_probe
 
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships the probe
     max_len = max(len(s.prompt_ids) for s in samples) + accuracy.MAX_TOKENS + 8
@@ -72,7 +72,7 @@ def generate(model_dir: str, kwargs: dict, samples, chunk: int, probe: bool):
 
 def full_cache_answers(model_dir: str, samples, chunk: int, dtype: str) -> list[bool]:
     """Whether stock vLLM with the full cache answers each sample."""
-    from kvreviver_vllm.tasks import is_correct
+    from harness.tasks import is_correct
 
     outs, _ = generate(model_dir, {"dtype": dtype}, samples, chunk, probe=False)
     return [is_correct(s, o.outputs[0].text) for s, o in zip(samples, outs)]
@@ -82,7 +82,7 @@ def run_config(model_dir: str, method: str, budget: float, samples, chunk: int, 
                tokenizer, full_correct: list[bool], knobs: dict | None = None):
     """Per sample: correct (and whether the full cache is), and per (layer, head) whether
     the answer is held (any / exact) and how many prompt tokens are held."""
-    from kvreviver_vllm.tasks import is_correct
+    from harness.tasks import is_correct
 
     kwargs = {"dtype": dtype, **accuracy.engine_kwargs(method, budget, None, knobs)}
     outs, held = generate(model_dir, kwargs, samples, chunk, probe=True)
@@ -198,7 +198,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from kvreviver_vllm.models import default_model_dir
-    from kvreviver_vllm.tasks import TaskGenerator
+    from harness.tasks import TaskGenerator
 
     model_dir = str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE
+
 ADDITIONAL_CONFIG_KEY = "kvreviver"
 ENV_PREFIX = "KVREVIVER_"
 
@@ -49,14 +51,11 @@ class KVReviverConfig:
     """Last query rows of each step whose attention scores the cached tokens
     (SnapKV's observation window). A decode step has one row, so every decode
     step scores."""
-    pool_before: int = 3
+    pool_before: int = POOL_BEFORE
     """Ranking: each scored token lends its score to this many tokens before it
-    (SnapKV's pooling kernel of 7 is 3 before, 3 after)."""
-    pool_after: int = 24
-    """Ranking: each scored token lends its score to this many tokens after it,
-    so that what follows an attended token (the rest of a long value, which a
-    copy reads only while decoding) survives with it. 24 against SnapKV's 3 took
-    a 20-digit key from 0/8 to the full cache's 7/8 at 10% and 25% (README)."""
+    (``policy.py`` says why the defaults are what they are)."""
+    pool_after: int = POOL_AFTER
+    """Ranking: each scored token lends its score to this many tokens after it."""
     bits: int = 4
     """Bit width of the quantized vague store (its keys, and its values unless
     ``value_bits`` is set)."""
@@ -172,15 +171,32 @@ class KVReviverConfig:
         return cls.from_sources(additional if isinstance(additional, Mapping) else {})
 
     # -- derived facts ------------------------------------------------------
+    @property
+    def floor_tokens(self) -> int:
+        """Fewest slots a compaction keeps: sink + recent are never dropped."""
+        return self.sink + self.recent
+
+    @property
+    def ranks_by_score(self) -> bool:
+        """Whether compaction keeps the best-scored tokens (every variant but
+        ``streaming``, which keeps the newest)."""
+        return self.variant != "streaming"
+
     def budget_tokens(self, context_len: int) -> int:
-        """Token slots a request of ``context_len`` tokens may hold."""
-        if self.budget > 1:
-            return min(int(self.budget), context_len)
-        return min(context_len, max(1, math.ceil(self.budget * context_len)))
+        """Token slots a request of ``context_len`` tokens keeps after a compaction."""
+        return budget_tokens(self.budget, context_len, self.floor_tokens)
 
     def compresses(self, max_model_len: int) -> bool:
         """Whether any request up to ``max_model_len`` tokens would be compressed."""
         return self.budget_tokens(max_model_len) < max_model_len
+
+
+def budget_tokens(budget: float, num_tokens: int, floor_tokens: int) -> int:
+    """Slots a request of ``num_tokens`` tokens keeps after a compaction: its
+    budget (a fraction of its tokens, or a number of tokens), never below
+    ``floor_tokens`` and never above ``num_tokens``."""
+    kept = int(budget) if budget > 1 else math.ceil(budget * num_tokens)
+    return min(num_tokens, max(kept, floor_tokens))
 
 
 def _check_int(key: str, value: Any, lo: int, hi: int) -> None:

@@ -130,7 +130,7 @@ def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
     from vllm.platforms import current_platform
 
-    from kvreviver_vllm.kv_cache import register_kv_cache_spec
+    from kvreviver_vllm.schedule import register_kv_cache_spec
 
     backend_member()
     register_kv_cache_spec()

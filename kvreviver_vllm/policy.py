@@ -21,15 +21,19 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # the stores rank their records with pooled_scores
     from kvreviver_vllm.stores.base import VagueStore
 
-# SnapKV's pooling kernel of 7, three neighbours on either side: the reach of
-# the functions here and of a bare store. The config's default reaches further
-# after a token (``KVReviverConfig.pool_after``).
+# The ranking defaults (``KVReviverConfig.pool_before`` / ``pool_after``): each
+# scored token lends its score 3 tokens back, as in SnapKV's pooling kernel of 7,
+# and 24 ahead, so that what follows an attended token (the rest of a long value,
+# which a copy reads only while decoding) survives with it. 24 ahead took a
+# 20-digit key from 0/8 (SnapKV's 3) to the full cache's 7/8 at 10% and 25%
+# (benchmarks/README.md).
 POOL_BEFORE = 3
-POOL_AFTER = 3
+POOL_AFTER = 24
+# SnapKV's own kernel, for comparing against eviction as published.
+SNAPKV_POOL = (3, 3)
 
 
-def pooled_scores(scores: torch.Tensor, before: int = POOL_BEFORE,
-                  after: int = POOL_AFTER) -> torch.Tensor:
+def pooled_scores(scores: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """``[H, L]`` scores max-pooled so that each slot lends its score to the
     ``before`` slots before it and the ``after`` slots after it:
     ``out[i] = max(scores[i - after : i + before + 1])``."""
@@ -41,7 +45,7 @@ def pooled_scores(scores: torch.Tensor, before: int = POOL_BEFORE,
 
 def select_kept(
     scores: torch.Tensor, keep: int, sink: int, recent: int, by_score: bool,
-    pool: tuple[int, int] = (POOL_BEFORE, POOL_AFTER),
+    pool: tuple[int, int],
 ) -> torch.Tensor:
     """Ascending slot indices ``[H, keep]`` of the slots each head keeps out of
     ``L = scores.shape[1]``: the sink, the recent window, and the best-scored

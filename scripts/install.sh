@@ -26,7 +26,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 
 .venv/bin/kvreviver prepare-model
 
-# Natural text for the accuracy tasks (kvreviver_vllm/tasks.py): Debian's fortunes.
+# Natural text for the accuracy tasks (benchmarks/harness/tasks.py): Debian's fortunes.
 if [ ! -e /usr/share/games/fortunes/literature ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; } >/dev/null

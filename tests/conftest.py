@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-# Helpers shared by the test modules (engine runner, prompt builder).
-sys.path.insert(0, str(Path(__file__).parent))
+# Helpers shared by the test modules (engine runner, prompts, probes), and the
+# benchmarks' evaluation harness (tasks, teacher forcing, probes).
+TESTS = Path(__file__).parent
+sys.path[:0] = [str(TESTS), str(TESTS.parent / "benchmarks")]
 
 
 @pytest.fixture(scope="session")

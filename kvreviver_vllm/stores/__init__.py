@@ -5,8 +5,10 @@ One module per store behind ``VagueStore``; ``make_store`` picks the variant's.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
-from vllm.logger import init_logger
 
 from kvreviver_vllm.config import KVReviverConfig
 from kvreviver_vllm.stores.base import VagueStore
@@ -16,21 +18,26 @@ from kvreviver_vllm.stores.quantized import QuantizedStore
 
 __all__ = ["CountSketchStore", "MixedQuantizedStore", "QuantizedStore", "VagueStore", "make_store"]
 
-logger = init_logger(f"vllm.{__name__}")
+logger = logging.getLogger(f"vllm.{__name__}")
 
 
 def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
                dtype: torch.dtype) -> VagueStore | None:
     """The variant's vague store, or None for the variants without one."""
     if config.variant == "quantized" and config.low_bits:
-        logger.warning_once(
-            "kvreviver.low_bits=%d: the mixed-width store is a research store and runs "
-            "the PyTorch reference ops (slow)", config.low_bits)
+        _warn_research_store(config.low_bits)
         return MixedQuantizedStore(head_size, config.bits, config.low_bits, config.high_share,
                                    slot_bytes, config.pool_before, config.pool_after)
     if config.variant == "quantized":
         return QuantizedStore(head_size, config.bits, slot_bytes, config.value_bits,
                               config.pool_before, config.pool_after)
     if config.variant == "sketch":
-        return CountSketchStore(head_size, config.sketch_rows, config.sketch_buckets, slot_bytes, dtype)
+        return CountSketchStore(head_size, config.sketch_rows, config.sketch_buckets, slot_bytes,
+                                dtype)
     return None
+
+
+@functools.cache  # once per process, not once per layer
+def _warn_research_store(low_bits: int) -> None:
+    logger.warning("kvreviver.low_bits=%d: the mixed-width store is a research store and runs "
+                   "the PyTorch reference ops (slow)", low_bits)

@@ -17,12 +17,12 @@ worse than eviction; it exists so that the comparison is made in the engine.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
 
-from kvreviver_vllm import ops, sketch
+from kvreviver_vllm import ops
+from kvreviver_vllm.ops import reference
 from kvreviver_vllm.stores.base import VagueStore
 
 
@@ -52,16 +52,12 @@ class CountSketchStore(VagueStore):
 
     # -- hashing --------------------------------------------------------------
     def coefficients(self, seed: int) -> torch.Tensor:
-        """Hash coefficients ``int64 [rows, 4]`` (see :func:`sketch.sketch_hashes`)."""
-        rng = random.Random(seed)
-        return torch.tensor(
-            [[rng.randrange(1, sketch.SKETCH_PRIME) for _ in range(4)] for _ in range(self.rows)],
-            dtype=torch.int64,
-        )
+        """Hash coefficients ``int64 [rows, 4]`` (see :func:`reference.sketch_hashes`)."""
+        return reference.sketch_coefficients(self.rows, seed)
 
     def hashes(self, positions: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket index and sign ``[rows, N]`` of each position."""
-        return sketch.sketch_hashes(positions, self.coefficients(seed), self.buckets)
+        return reference.sketch_hashes(positions, self.coefficients(seed), self.buckets)
 
     # -- layout ---------------------------------------------------------------
     def bucket_sums(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

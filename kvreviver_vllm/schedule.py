@@ -1,6 +1,6 @@
-"""KV cache spec and block manager: a request holds its prompt while it reads it,
-then only its budget of blocks.
+"""Scheduling of a compressed cache: KV spec, block manager and per-step plan.
 
+A request holds its prompt while it reads it, then only its budget of blocks.
 Sizing rule (one place, used by the scheduler's manager, the startup memory check
 and the attention metadata builder, so they always agree):
 
@@ -18,13 +18,20 @@ and the attention metadata builder, so they always agree):
 The freed blocks are a gap in the request's block list (vLLM's null block, as for
 R-SWA); :meth:`KVReviverSpec.cut` says where it is, and the builder skips it when
 it maps slots to blocks. A preempted request starts over and is cut again.
+
+:func:`plan_request` is the builder's per-request decision for one step (where
+its slots are, whether it compacts and to what); it is pure, so it is unit-tested
+without an engine, and :func:`is_decode_step` is the one rule the manager and the
+builder use to tell a decode step from a prompt chunk.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
+
+import torch
 
 from vllm.utils.math_utils import cdiv, round_up
 from vllm.utils.torch_utils import get_dtype_size
@@ -32,8 +39,24 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from kvreviver_vllm.config import KVReviverConfig, budget_tokens
+from kvreviver_vllm.layout import META_BYTES
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+    from kvreviver_vllm.stores import VagueStore
+
+# New tokens a decoding request takes between compactions: a compaction every
+# ~32 steps costs little, and the room is ~1.5% of a 2k context.
+DECODE_ROOM = 32
+
+
+def is_decode_step(new_tokens: int, prompt_done: bool) -> bool:
+    """A decoding request gets one token per step after its whole prompt, until it
+    finishes or is preempted (which restarts it empty); anything else may get a
+    chunk of its prompt (or, after a preemption, of its replayed output)."""
+    return new_tokens == 1 and prompt_done
 
 
 @dataclass(frozen=True)
@@ -64,9 +87,7 @@ class KVReviverSpec(FullAttentionSpec):
         return False
 
     def budget_tokens(self, num_tokens: int) -> int:
-        kept = int(self.budget) if self.budget > 1 else math.ceil(self.budget * num_tokens)
-        # Sink + recent are never dropped, whatever the budget says.
-        return min(num_tokens, max(kept, self.floor_tokens))
+        return budget_tokens(self.budget, num_tokens, self.floor_tokens)
 
     def decode_limit(self, num_tokens: int) -> int:
         """Slots a decoding request of ``num_tokens`` may fill before it is
@@ -160,10 +181,10 @@ class KVReviverManager(FullAttentionManager):
         # prompt (a preempted request replaying its output is not decoding).
         # The admission check (apply_admission_cap) only asks whether a waiting
         # request fits.
+        prompt_done = total_computed_tokens >= self.num_prompt.get(request_id, num_tokens)
         if (not apply_admission_cap and request_id not in self.prompt_end
                 and request_id in self.req_to_blocks
-                and num_tokens - total_computed_tokens == 1
-                and total_computed_tokens >= self.num_prompt.get(request_id, num_tokens)):
+                and is_decode_step(num_tokens - total_computed_tokens, prompt_done)):
             self.prompt_end[request_id] = total_computed_tokens
         return super().get_num_blocks_to_allocate(
             request_id,
@@ -200,17 +221,16 @@ class KVReviverManager(FullAttentionManager):
         return super().pop_blocks_for_free(request_id)
 
 
-def kvreviver_spec(spec: AttentionSpec, meta_bytes: int, budget: float, floor_tokens: int,
-                   decode_room: int) -> KVReviverSpec:
+def kvreviver_spec(spec: AttentionSpec, config: KVReviverConfig) -> KVReviverSpec:
     """The layer's stock spec rebuilt with our slot size and budget."""
     dense = (spec.head_size + spec.head_size_v) * get_dtype_size(spec.dtype)
     return replace_as(
         spec,
         KVReviverSpec,
-        state_content_bytes=dense + meta_bytes,
-        budget=budget,
-        floor_tokens=floor_tokens,
-        decode_room=decode_room,
+        state_content_bytes=dense + META_BYTES,
+        budget=float(config.budget),
+        floor_tokens=config.floor_tokens,
+        decode_room=DECODE_ROOM,
     )
 
 
@@ -221,3 +241,111 @@ def register_kv_cache_spec() -> None:
     KVCacheSpecRegistry.register(
         KVReviverSpec, KVReviverManager, uniform_type_base_spec=FullAttentionSpec
     )
+
+
+# -- the builder's plan for one request and step --------------------------------
+
+@dataclass(frozen=True)
+class RequestState:
+    """What a request holds after a step: tokens in its vague store, exact slots,
+    and the gap in its block list (set by its first decode step)."""
+
+    vague: int = 0
+    exact: int = 0
+    cut: Cut | None = None
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """One request's layout and actions in one step."""
+
+    exact_start: int
+    """First exact slot: the store's pages fill ``[0, exact_start)``."""
+    write_start: int
+    """Slot of this step's first new token (after the exact slots it holds)."""
+    vague: int
+    """Tokens in the vague store during this step."""
+    decoding: bool
+    rescore: tuple[int, int] | None
+    """Slots whose scores are reset before attention: a prompt chunk's older
+    slots, so that the prompt's last chunk (its end, the question) alone ranks
+    the prompt at the first decode step."""
+    compaction: tuple[int, int] | None
+    """(exact tokens kept, vague tokens kept) by a compaction after attention."""
+    gap: Cut | None
+    """The freed blocks this step's block-table row skips."""
+    after: RequestState
+
+
+def plan_request(
+    spec: KVReviverSpec,
+    state: RequestState | None,
+    new_tokens: int,
+    num_tokens: int,
+    prompt_done: bool,
+    store: VagueStore | None,
+    split: Callable[[int, int, int], tuple[int, int]],
+) -> RequestPlan:
+    """The plan of a request that gets ``new_tokens`` this step, bringing it to
+    ``num_tokens`` logical tokens; ``state`` is what it held after its last step
+    (None: it starts, or after a preemption restarts, from an empty cache);
+    ``split(budget_slots, exact, vague)`` is the budget split
+    (:func:`policy.split_budget` with the engine's settings)."""
+    if state is None or num_tokens == new_tokens:
+        state = RequestState()
+    settled = state.cut is not None
+    pages = store.slots_for(state.vague) if state.vague else 0
+    used = pages + state.exact + new_tokens
+    held = spec.decode_slots(num_tokens) if settled else num_tokens
+    if used > held:
+        raise RuntimeError(f"KVReviver request needs {used} slots but holds {held}")
+    decoding = is_decode_step(new_tokens, prompt_done)
+    rescore = None
+    if not decoding and not settled and used > new_tokens:
+        rescore = (pages, used - new_tokens)
+    cut = state.cut
+    target = spec.compaction_target(used, num_tokens, decoding, settled)
+    if decoding and not settled:
+        cut = spec.cut(num_tokens - 1)
+    exact, vague, compaction = state.exact + new_tokens, state.vague, None
+    if target is not None:
+        exact, vague = split(spec.budget_tokens(target), exact, vague)
+        compaction = (exact, vague)
+    return RequestPlan(
+        exact_start=pages,
+        write_start=pages + state.exact,
+        vague=state.vague,
+        decoding=decoding,
+        rescore=rescore,
+        compaction=compaction,
+        gap=state.cut if settled and state.cut.gap else None,
+        after=RequestState(vague, exact, cut),
+    )
+
+
+def skip_gaps(block_table: torch.Tensor, gaps: dict[int, Cut]) -> torch.Tensor:
+    """``block_table`` (host) with each row's gap removed, so that slot ``s`` of
+    row ``r`` is in block ``s // block_size`` of the row (a copy if any gap)."""
+    if not gaps:
+        return block_table
+    table = block_table.clone()
+    width = table.shape[1]
+    for row, cut in gaps.items():
+        table[row, cut.kept : width - cut.gap] = block_table[row, cut.prompt_blocks :]
+    return table
+
+
+def map_slots(block_table: torch.Tensor, query_start_loc: torch.Tensor, write_start: list[int],
+              block_size: int, num_slots: int) -> torch.Tensor:
+    """Global slot ``int64 [num_slots]`` of every new token (-1: padding): request
+    ``r``'s tokens go to its slots from ``write_start[r]`` on, through its row of
+    ``block_table`` (host, gaps removed)."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    num_new = int(query_start_loc[-1])
+    token_row = torch.repeat_interleave(torch.arange(len(write_start)), q_lens)
+    offset = torch.arange(num_new) - query_start_loc[token_row].long()
+    physical = torch.tensor(write_start, dtype=torch.long)[token_row] + offset
+    slots = torch.full((num_slots,), -1, dtype=torch.long)
+    slots[:num_new] = (block_table[token_row, physical // block_size].long() * block_size
+                       + physical % block_size)
+    return slots

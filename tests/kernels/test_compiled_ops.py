@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvreviver_vllm import ops, sketch
+from kvreviver_vllm import layout, ops
+from kvreviver_vllm.ops import reference
 from kvreviver_vllm.stores import QuantizedStore
 from test_reference_ops import build_cache, request_meta
 
@@ -43,7 +44,7 @@ def test_paged_attention_matches_reference(data, gqa, num_kv_heads, head_size, b
     want, got = torch.empty_like(query), torch.empty_like(query)
     ref_cache = cache.clone()
     scale = head_size**-0.5
-    sketch.paged_attention(want, query, ref_cache, table, lens, qsl, scale, score_window)
+    reference.paged_attention(want, query, ref_cache, table, lens, qsl, scale, score_window)
     torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, scale, score_window)
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
@@ -61,7 +62,7 @@ def test_paged_attention_long_and_single_token_context(seq_len):
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
     lens = torch.tensor([seq_len, 5], dtype=torch.int32)
     want, got = torch.empty_like(query), torch.empty_like(query)
-    sketch.paged_attention(want, query, cache, table, lens, qsl, 0.125, 0)
+    reference.paged_attention(want, query, cache, table, lens, qsl, 0.125, 0)
     torch.ops.kvreviver.paged_attention(got, query, cache, table, lens, qsl, 0.125, 0)
     torch.testing.assert_close(got, want, atol=1.6e-2, rtol=1.6e-2)
     for r, n in enumerate([seq_len, 5]):
@@ -76,15 +77,15 @@ def test_write_kv_matches_reference(dtype):
     slots = torch.randperm(4 * 32, generator=gen)[:50]
     slots[::7] = -1  # padding
     positions = torch.randint(0, 8192, (50,), generator=gen)
-    want = torch.zeros(4, 3, 32, sketch.slot_width(64, dtype), dtype=dtype)
+    want = torch.zeros(4, 3, 32, layout.slot_width(64, dtype), dtype=dtype)
     got = torch.zeros_like(want)
-    sketch.write_kv(want, key, value, slots, positions)
+    reference.write_kv(want, key, value, slots, positions)
     torch.ops.kvreviver.write_kv(got, key, value, slots, positions)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_write_kv_rejects_out_of_range_slot():
-    cache = torch.zeros(2, 1, 16, sketch.slot_width(4, torch.float32))
+    cache = torch.zeros(2, 1, 16, layout.slot_width(4, torch.float32))
     one = torch.ones(1, 1, 4)
     with pytest.raises(RuntimeError, match=r"slot 32 is out of range \[0, 32\)"):
         torch.ops.kvreviver.write_kv(cache, one, one, torch.tensor([32]), torch.tensor([0]))
@@ -138,7 +139,7 @@ def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, hea
     scores and record scores, for requests with ``vague`` records, ``exact`` slots
     and ``q_lens`` new tokens (values at ``value_bits``, 0: ``bits``)."""
     gen = torch.Generator().manual_seed(seed)
-    slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
+    slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
     store = QuantizedStore(head_size, bits, slot_bytes, value_bits)
     pages = [store.slots_for(n) for n in vague]
     cache, table, _, _ = build_cache(
@@ -152,7 +153,7 @@ def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, hea
                              torch.arange(n), torch.rand(n, generator=gen))
                 for _ in range(num_kv_heads)
             ]
-            sketch.write_store_pages(cache, table[r], torch.stack([store.to_pages(x) for x in records]))
+            layout.write_store_pages(cache, table[r], torch.stack([store.to_pages(x) for x in records]))
     query = torch.randn(sum(q_lens), gqa * num_kv_heads, head_size, generator=gen).to(dtype)
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     starts = torch.tensor(pages, dtype=torch.int32)
@@ -161,13 +162,10 @@ def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, hea
     scale = head_size**-0.5
     want, got = torch.empty_like(query), torch.empty_like(query)
     ref_cache = cache.clone()
-    sketch.paged_attention_revived(
-        want, query, ref_cache, table, starts, lens, num_vague, qsl, scale, score_window, store, 0
-    )
-    torch.ops.kvreviver.paged_attention_quantized(
-        got, query, cache, table, starts, lens, num_vague, qsl, scale, score_window, bits,
-        store.group, value_bits,
-    )
+    args = (table, starts, lens, num_vague, qsl, scale, score_window, bits, store.group,
+            value_bits)
+    reference.paged_attention_quantized(want, query, ref_cache, *args)
+    torch.ops.kvreviver.paged_attention_quantized(got, query, cache, *args)
     tol = 2e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     for r, (p, e, n) in enumerate(zip(pages, exact, vague)):
@@ -177,13 +175,13 @@ def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, hea
         if n:
             def record_scores(c):
                 return torch.stack([store.decode(store.from_pages(x, n))[3]
-                                    for x in sketch.store_pages(c, table[r], p)])
+                                    for x in layout.store_pages(c, table[r], p)])
             torch.testing.assert_close(record_scores(cache), record_scores(ref_cache), atol=1e-4, rtol=1e-4)
 
 
 def test_quantized_attention_rejects_an_overfull_store():
-    store = QuantizedStore(64, 4, sketch.slot_width(64, torch.float32) * 4)
-    cache = torch.zeros(2, 1, 16, sketch.slot_width(64, torch.float32))
+    store = QuantizedStore(64, 4, layout.slot_width(64, torch.float32) * 4)
+    cache = torch.zeros(2, 1, 16, layout.slot_width(64, torch.float32))
     query = torch.zeros(1, 1, 64)
     with pytest.raises(RuntimeError, match=r"request 0: 100 vague tokens do not fit in its 2 store slots"):
         torch.ops.kvreviver.paged_attention_quantized(
@@ -214,11 +212,11 @@ def test_quantize_records_match_reference(n, head_size, bits, value_bits, group,
     scores = torch.rand(n, generator=gen)
     got = torch.ops.kvreviver.quantize_records(keys, values, positions, scores, bits, group,
                                                value_bits)
-    want = sketch.quantize_records(keys, values, positions, scores, bits, group, value_bits)
+    want = reference.quantize_records(keys, values, positions, scores, bits, group, value_bits)
     assert torch.equal(got, want)  # bit-identical codes, scales and metadata
-    assert got.shape[1] == sketch.record_bytes(head_size, bits, group, value_bits)
+    assert got.shape[1] == layout.record_bytes(head_size, bits, group, value_bits)
     k, v = torch.ops.kvreviver.dequantize_records(got, head_size, bits, group, value_bits)
-    want_k, want_v = sketch.dequantize_records(want, head_size, bits, group, value_bits)
+    want_k, want_v = reference.dequantize_records(want, head_size, bits, group, value_bits)
     torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
 
@@ -252,7 +250,7 @@ def test_store_ops_reject_bad_layouts():
 )
 def test_count_sketch_ops_match_reference(n, rows, buckets, head_size, seed):
     gen = torch.Generator().manual_seed(seed)
-    coefficients = torch.randint(1, sketch.SKETCH_PRIME, (rows, 4), generator=gen)
+    coefficients = torch.randint(1, reference.SKETCH_PRIME, (rows, 4), generator=gen)
     positions = torch.randperm(8200, generator=gen)[:n].to(torch.int32)
     keys = torch.randn(n, head_size, generator=gen)
     values = torch.randn(n, head_size, generator=gen)
@@ -261,16 +259,16 @@ def test_count_sketch_ops_match_reference(n, rows, buckets, head_size, seed):
     got_k, got_v = start_k.clone(), start_v.clone()
     want_k, want_v = start_k.clone(), start_v.clone()
     torch.ops.kvreviver.count_sketch_add(got_k, got_v, keys, values, positions, coefficients)
-    sketch.count_sketch_add(want_k, want_v, keys, values, positions, coefficients)
+    reference.count_sketch_add(want_k, want_v, keys, values, positions, coefficients)
     torch.testing.assert_close(got_k, want_k, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_v, want_v, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(
         torch.ops.kvreviver.count_sketch_estimate(want_v, positions, coefficients),
-        sketch.count_sketch_estimate(want_v, positions, coefficients), atol=1e-5, rtol=1e-5)
+        reference.count_sketch_estimate(want_v, positions, coefficients), atol=1e-5, rtol=1e-5)
     query = torch.randn(5, head_size, generator=gen)
     torch.testing.assert_close(
         torch.ops.kvreviver.count_sketch_logits(query, want_k, positions, coefficients),
-        sketch.count_sketch_logits(query, want_k, positions, coefficients), atol=1e-3, rtol=1e-4)
+        reference.count_sketch_logits(query, want_k, positions, coefficients), atol=1e-3, rtol=1e-4)
 
 
 def test_stores_use_the_compiled_store_ops(monkeypatch):
@@ -279,7 +277,7 @@ def test_stores_use_the_compiled_store_ops(monkeypatch):
 
     for name in ("quantize_records", "dequantize_records", "count_sketch_add",
                  "count_sketch_estimate"):
-        monkeypatch.setattr(sketch, name, lambda *a, _n=name, **k: pytest.fail(f"reference {_n}"))
+        monkeypatch.setattr(reference, name, lambda *a, _n=name, **k: pytest.fail(f"reference {_n}"))
     store = QuantizedStore(64, 4, 264)
     keys = torch.randn(10, 64)
     records = store.encode(keys, keys, torch.arange(10), torch.zeros(10))
@@ -292,8 +290,8 @@ def test_stores_use_the_compiled_store_ops(monkeypatch):
 
 def _with_scores(cache, table_row, num_slots, scores):
     """Overwrite the scores of a request's first slots ``[Hkv, num_slots]``."""
-    _, score = sketch.slot_meta(cache)
-    blocks, offsets = sketch.physical_slots(table_row, torch.arange(num_slots), cache.shape[2])
+    _, score = layout.slot_meta(cache)
+    blocks, offsets = layout.physical_slots(table_row, torch.arange(num_slots), cache.shape[2])
     score[blocks, :, offsets] = scores.T
 
 
@@ -320,7 +318,7 @@ def test_compact_quantized_matches_reference(data, bits, value_bits, pool, num_k
     num_kept = data.draw(st.integers(0, num_exact))
     keep_vague = data.draw(st.integers(0, num_vague + num_exact - num_kept))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    slot_bytes = sketch.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
+    slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
     store = QuantizedStore(head_size, bits, slot_bytes, value_bits, *pool)
     pages = store.slots_for(num_vague)
     # Positions near 8192; old records interleave with the exact tokens.
@@ -328,8 +326,8 @@ def test_compact_quantized_matches_reference(data, bits, value_bits, pool, num_k
     vague_pos, exact_pos = order[:num_vague].sort().values, order[num_vague:].sort().values
     cache, table, _, _ = build_cache([pages + num_exact], num_kv_heads, head_size, block_size,
                                      dtype, gen)
-    positions, _ = sketch.slot_meta(cache)
-    blocks, offsets = sketch.physical_slots(table[0], torch.arange(pages, pages + num_exact), block_size)
+    positions, _ = layout.slot_meta(cache)
+    blocks, offsets = layout.physical_slots(table[0], torch.arange(pages, pages + num_exact), block_size)
     positions[blocks, :, offsets] = exact_pos.to(torch.int32)[:, None]
     _with_scores(cache, table[0], pages + num_exact, _tied_scores(gen, num_kv_heads, pages + num_exact))
     if num_vague:
@@ -337,14 +335,14 @@ def test_compact_quantized_matches_reference(data, bits, value_bits, pool, num_k
                                 torch.randn(num_vague, head_size, generator=gen),
                                 vague_pos, _tied_scores(gen, num_vague))
                    for _ in range(num_kv_heads)]
-        sketch.write_store_pages(cache, table[0], torch.stack([store.to_pages(x) for x in records]))
+        layout.write_store_pages(cache, table[0], torch.stack([store.to_pages(x) for x in records]))
     kept = torch.stack([torch.randperm(num_exact, generator=gen)[:num_kept].sort().values
                         for _ in range(num_kv_heads)])
     want = cache.clone()
-    sketch.compact_into_store(want, table[0], pages, pages + num_exact, num_vague, kept, keep_vague,
-                              store, 0)
-    ops.compact_into_store(cache, table[0], pages, pages + num_exact, num_vague, kept, keep_vague,
-                           store, 0)
+    args = (table[0], pages, pages + num_exact, num_vague, kept, keep_vague, bits, store.group,
+            value_bits, *pool)
+    reference.compact_quantized(want, *args)
+    torch.ops.kvreviver.compact_quantized(cache, *args)
     # Byte for byte (unused slots hold NaN, equal as bytes).
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
 
@@ -365,13 +363,13 @@ def test_compact_slots_matches_reference(data, num_kv_heads, block_size, dtype):
     kept = torch.stack([torch.randperm(num_slots, generator=gen)[:keep].sort().values
                         for _ in range(num_kv_heads)])
     want = cache.clone()
-    sketch.compact(want, table[0], kept)
-    ops.compact(cache, table[0], kept)
+    reference.compact_slots(want, table[0], kept)
+    torch.ops.kvreviver.compact_slots(cache, table[0], kept)
     assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_compaction_ops_reject_bad_arguments():
-    cache = torch.zeros(4, 2, 16, sketch.slot_width(64, torch.float32))
+    cache = torch.zeros(4, 2, 16, layout.slot_width(64, torch.float32))
     row = torch.tensor([0, 1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"kept_slots\[0, 1\]=40 is out of range \[0, 32\)"):
         torch.ops.kvreviver.compact_slots(cache, row, torch.tensor([[1, 40], [1, 2]]))
@@ -394,10 +392,10 @@ def test_compaction_ops_reject_bad_arguments():
 
 
 def test_backend_compacts_through_the_compiled_ops(monkeypatch):
-    for name in ("compact", "compact_into_store"):
-        monkeypatch.setattr(sketch, name, lambda *a, _n=name, **k: pytest.fail(f"reference {_n}"))
+    for name in ("compact_slots", "compact_quantized", "compact_into_store"):
+        monkeypatch.setattr(reference, name, lambda *a, _n=name, **k: pytest.fail(f"reference {_n}"))
     gen = torch.Generator().manual_seed(0)
     cache, table, _, _ = build_cache([40], 1, 64, 16, torch.bfloat16, gen)
-    store = QuantizedStore(64, 4, sketch.slot_width(64, torch.bfloat16) * 2)
-    ops.compact_into_store(cache, table[0], 0, 40, 0, torch.arange(10)[None], 30, store, 0)
-    ops.compact(cache, table[0], torch.arange(5)[None])
+    store = QuantizedStore(64, 4, layout.slot_width(64, torch.bfloat16) * 2)
+    store.compact(cache, table[0], 0, 40, 0, torch.arange(10)[None], 30, 0)
+    ops.compact_slots(cache, table[0], torch.arange(5)[None])

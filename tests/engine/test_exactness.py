@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import KVREVIVER, STOCK, run_engine
+from engine_run import KVREVIVER, STOCK, run_engine
 from prompts import make_prompt
 
 from kvreviver_vllm.host import bf16_is_fast

@@ -27,10 +27,11 @@ def run(scenario: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    tests = Path(__file__).parents[1]
+    sys.path[:0] = [str(tests), str(tests.parent / "benchmarks")]
     from prompts import make_prompt
 
-    from kvreviver_vllm.diagnostics import builder_cuts
+    from probes import builder_cuts
 
     tokenizer = AutoTokenizer.from_pretrained(scenario["model"])
     kwargs = dict(model=scenario["model"], dtype=scenario["dtype"],

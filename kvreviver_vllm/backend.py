@@ -1,29 +1,30 @@
-"""The KVReviver attention backend, shared by the CPU and CUDA classes.
+"""The KVReviver attention backend: vLLM's four pieces in one file.
 
-Four pieces with vLLM's fixed roles: the backend class (static facts), the
-metadata dataclass, the metadata builder (scheduler state -> tensors, once per
-step) and the impl (the math, through ``kvreviver_vllm.ops``).
+The backend class (static facts), the metadata dataclass, the metadata builder
+(scheduler state -> tensors, once per step, through ``schedule.plan_request``)
+and the impl (the math, through the request's vague store and ``ops``). One
+class serves CPU and CUDA: the torch dispatcher picks each op's kernel by device.
 
 The impl writes the KV cache itself (``forward_includes_kv_cache_update``) at
 physical slots the builder chooses: a request's exact tokens fill its slots
-``[0, occupancy)`` in position order and each step's new tokens are appended.
-At a request's first decode step, and whenever a decoding request outgrows its
-budget (``kv_cache.py``), the builder schedules a compaction after the step and
-the impl keeps the sink, the recent window and the best-scored tokens, moved to
-the front of the request's slots. After its first decode step a request's slots
-skip the blocks the manager freed (``KVReviverSpec.cut``). With compression off,
+``[exact_start, ...)`` in position order and each step's new tokens are
+appended. At a request's first decode step, and whenever a decoding request
+outgrows its budget (``schedule.py``), the builder plans a compaction after the
+step, and the impl keeps the sink, the recent window and the best-scored
+tokens exact, the store keeping what fits of the rest. With compression off,
 physical slots equal vLLM's positional slots.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config, get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -36,38 +37,25 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvreviver_vllm import ops, policy, sketch
+from kvreviver_vllm import layout, ops, policy
 from kvreviver_vllm.config import KVReviverConfig
-from kvreviver_vllm.kv_cache import Cut, KVReviverSpec, kvreviver_spec
-from kvreviver_vllm.sketch import META_BYTES
+from kvreviver_vllm.plugin import BACKEND_NAME
+from kvreviver_vllm.schedule import (
+    KVReviverSpec,
+    RequestState,
+    kvreviver_spec,
+    map_slots,
+    plan_request,
+    skip_gaps,
+)
 from kvreviver_vllm.stores import VagueStore, make_store
 
 # Under the "vllm" logger so messages show in vLLM's own log output.
 logger = init_logger(f"vllm.{__name__}")
 
-BACKEND_NAME = "KVREVIVER"
 
-# New tokens a decoding request takes between compactions (kv_cache.py): a
-# compaction every ~32 steps costs little, and the room is ~1.5% of a 2k context.
-DECODE_ROOM = 32
-
-# The budget parameters of this process's engine. vLLM calls customize_spec
-# without its config in scope, so the impls (built with the config in scope,
-# before the KV spec is asked for) record them here.
-_SPEC_PARAMS: dict[str, float | int] | None = None
-
-
-def _remember_spec_params(vllm_config: VllmConfig, config: KVReviverConfig) -> None:
-    global _SPEC_PARAMS
-    _SPEC_PARAMS = dict(
-        budget=float(config.budget),
-        floor_tokens=config.sink + config.recent,
-        decode_room=DECODE_ROOM,
-    )
-
-
-class KVReviverBackendBase(AttentionBackend):
-    """Static facts of the backend; the platform subclasses add platform facts."""
+class KVReviverBackend(AttentionBackend):
+    """Static facts of the backend."""
 
     forward_includes_kv_cache_update: bool = True
 
@@ -96,11 +84,22 @@ class KVReviverBackendBase(AttentionBackend):
         # Each block holds [num_kv_heads, block_size, K|V] contiguously.
         return (KVCacheLayout.LBHNC,)
 
+    # The config of this process's engine, for customize_spec: vLLM's worker asks
+    # for the KV spec with no config in scope, after building the attention
+    # layers, whose impls record it here.
+    engine_config: ClassVar[KVReviverConfig | None] = None
+
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> KVReviverSpec:
-        if _SPEC_PARAMS is None:
-            raise RuntimeError("KVReviver attention layers must be built before their KV spec")
-        return kvreviver_spec(spec, META_BYTES, **_SPEC_PARAMS)
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is not None:
+            config = KVReviverConfig.from_vllm_config(vllm_config)
+        elif cls.engine_config is not None:
+            config = cls.engine_config
+        else:
+            raise RuntimeError("KVReviver's KV spec needs the engine's config: build the "
+                               "attention layers first")
+        return kvreviver_spec(spec, config)
 
     @staticmethod
     def get_impl_cls() -> type[KVReviverAttentionImpl]:
@@ -153,22 +152,19 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         assert isinstance(kv_cache_spec, KVReviverSpec), kv_cache_spec
         self.spec = kv_cache_spec
         config = KVReviverConfig.from_vllm_config(vllm_config)
-        scores = config.variant != "streaming" and config.compresses(
-            vllm_config.model_config.max_model_len
-        )
+        scores = config.ranks_by_score and config.compresses(vllm_config.model_config.max_model_len)
         self.score_window = config.score_window if scores else 0
-        self.protected = config.sink + config.recent
-        self.candidates = config.candidates
-        self.candidate_share = config.candidate_share
         self.store = make_store(
             config, kv_cache_spec.head_size, kv_cache_spec.state_content_size_bytes,
             kv_cache_spec.dtype,
         )
-        # (vague tokens, exact tokens, cut) after the last step, by the request's
-        # first block id (stable while it runs; prefix caching is off when
-        # compressing). Cut: set by its first decode step, which brought it to
-        # budget; the manager frees the cut's gap after that step.
-        self.state: dict[int, tuple[int, int, Cut | None]] = {}
+        self.split = functools.partial(
+            policy.split_budget, protected=config.floor_tokens, store=self.store,
+            candidates=config.candidates, candidate_share=config.candidate_share,
+        )
+        # What each running request holds after its last step, by its first
+        # block id (stable while it runs; prefix caching is off when compressing).
+        self.state: dict[int, RequestState] = {}
 
     def build(
         self,
@@ -180,85 +176,48 @@ class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1]
         q_lens = (qsl[1:] - qsl[:-1]).tolist()
-        logical_lens = cm.seq_lens[:num_reqs].cpu().tolist()
-        block_table = cm.block_table_tensor[:num_reqs]
-        table_host = block_table.cpu()
-        first_blocks = table_host[:, 0].tolist()
-
+        num_tokens = cm.seq_lens[:num_reqs].cpu().tolist()
+        table_host = cm.block_table_tensor[:num_reqs].cpu()
         prefilling = (
             cm.is_prefilling[:num_reqs].tolist() if cm.is_prefilling is not None else [True] * num_reqs
         )
+        plans = []
+        for row, first in enumerate(table_host[:, 0].tolist()):
+            plan = plan_request(self.spec, self.state.get(first), q_lens[row], num_tokens[row],
+                                not prefilling[row], self.store, self.split)
+            self.state[first] = plan.after
+            plans.append(plan)
 
-        exact_start, before, vague, compactions, decode_rows = [], [], [], [], []
-        cuts: dict[int, Cut] = {}
-        rescored: list[tuple[int, int, int]] = []
-        for row, (q_len, logical, first) in enumerate(zip(q_lens, logical_lens, first_blocks)):
-            # A request with no computed tokens starts (or, after preemption,
-            # restarts) from an empty cache.
-            num_vague, num_exact, cut = (0, 0, None) if logical == q_len else self.state[first]
-            settled = cut is not None
-            if settled and cut.gap:
-                cuts[row] = cut
-            pages = self.store.slots_for(num_vague) if num_vague else 0
-            used = pages + num_exact + q_len
-            held = self.spec.decode_slots(logical) if settled else logical
-            if used > held:
-                raise RuntimeError(f"KVReviver request row {row} needs {used} slots but holds {held}")
-            exact_start.append(pages)
-            before.append(pages + num_exact)
-            vague.append(num_vague)
-            num_exact += q_len
-            # A decoding request gets one token per step until it finishes or is
-            # preempted (which restarts it empty); anything else may get a chunk.
-            # The manager tells a decode step apart the same way.
-            decoding = q_len == 1 and not prefilling[row]
-            decode_rows.append(decoding)
-            if not decoding and not settled and used > q_len:
-                rescored.append((row, pages, used - q_len))
-            target = self.spec.compaction_target(used, logical, decoding, settled)
-            if decoding and not settled:
-                cut = self.spec.cut(logical - 1)
-            if target is not None:
-                num_exact, num_vague = policy.split_budget(
-                    self.spec.budget_tokens(target), num_exact, num_vague,
-                    self.protected, self.store, self.candidates, self.candidate_share,
-                )
-                compactions.append((row, num_exact, num_vague))
-            self.state[first] = (num_vague, num_exact, cut)
-
-        if cuts:  # skip the freed gaps: slot s is block s // block_size of the rest
-            table_host = table_host.clone()
-            width = table_host.shape[1]
-            for row, cut in cuts.items():
-                table_host[row, cut.kept : width - cut.gap] = table_host[row, cut.prompt_blocks :].clone()
+        gaps = {row: plan.gap for row, plan in enumerate(plans) if plan.gap is not None}
+        block_table = cm.block_table_tensor[:num_reqs]
+        if gaps:
+            table_host = skip_gaps(table_host, gaps)
             block_table = table_host.to(block_table.device)
+        write_start = [plan.write_start for plan in plans]
+        slot_mapping = map_slots(table_host, qsl, write_start, self.spec.block_size,
+                                 cm.num_actual_tokens)
+        # Logical (RoPE) positions: each request's new tokens end at its length.
         num_new = int(qsl[-1])
         token_row = torch.repeat_interleave(torch.arange(num_reqs), torch.tensor(q_lens))
-        offset_in_step = torch.arange(num_new) - qsl[token_row].long()
-        physical = torch.tensor(before, dtype=torch.long)[token_row] + offset_in_step
-        block_size = self.spec.block_size
-        slot_mapping = torch.full((cm.num_actual_tokens,), -1, dtype=torch.long)
-        slot_mapping[:num_new] = (
-            table_host[token_row, physical // block_size].long() * block_size
-            + physical % block_size
-        )
         positions = torch.zeros(cm.num_actual_tokens, dtype=torch.long)
-        first_new = torch.tensor(logical_lens, dtype=torch.long) - torch.tensor(q_lens)
-        positions[:num_new] = first_new[token_row] + offset_in_step
+        positions[:num_new] = (torch.tensor(num_tokens)[token_row] - qsl[token_row + 1]
+                               + torch.arange(num_new))
         device = block_table.device
         return KVReviverMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=qsl,
-            exact_start=torch.tensor(exact_start, dtype=torch.int32),
-            seq_lens=torch.tensor(before, dtype=torch.int32) + torch.tensor(q_lens, dtype=torch.int32),
-            vague_tokens=torch.tensor(vague, dtype=torch.int32),
-            decoding=decode_rows,
+            exact_start=torch.tensor([plan.exact_start for plan in plans], dtype=torch.int32),
+            seq_lens=torch.tensor(write_start, dtype=torch.int32) + torch.tensor(q_lens, dtype=torch.int32),
+            vague_tokens=torch.tensor([plan.vague for plan in plans], dtype=torch.int32),
+            decoding=[plan.decoding for plan in plans],
             block_table=block_table,
             slot_mapping=slot_mapping.to(device),
             positions=positions.to(device),
             score_window=self.score_window,
-            compactions=compactions,
-            rescored=rescored,
+            compactions=[(row, *plan.compaction) for row, plan in enumerate(plans)
+                         if plan.compaction is not None],
+            rescored=[(row, *plan.rescore) for row, plan in enumerate(plans)
+                      if plan.rescore is not None],
         )
 
 
@@ -299,16 +258,12 @@ class KVReviverAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        vllm_config = get_current_vllm_config()
-        self.config = KVReviverConfig.from_vllm_config(vllm_config)
-        _remember_spec_params(vllm_config, self.config)
+        self.config = KVReviverConfig.from_vllm_config(get_current_vllm_config())
+        KVReviverBackend.engine_config = self.config
         # Set on the first forward, from the cache's slot size and the layer's name.
         self.bound = False
         self.store: VagueStore | None = None
         self.layer_seed = 0
-        # Read by tests (through collective_rpc) to prove this impl ran.
-        self.num_forward_calls = 0
-        self.num_compactions = 0
         logger.info_once(
             "KVReviver attention impl in use (%s, %d query / %d KV heads, head size %d)",
             type(self).__qualname__, num_heads, num_kv_heads, head_size,
@@ -334,19 +289,18 @@ class KVReviverAttentionImpl(AttentionImpl):
             )
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        self.num_forward_calls += 1
         md = attn_metadata
         num_tokens = md.num_actual_tokens
         ops.write_kv(kv_cache, key[:num_tokens], value[:num_tokens], md.slot_mapping, md.positions)
         if not self.bound:
             self._bind(layer, kv_cache)
         for row, start, end in md.rescored:
-            sketch.reset_scores(kv_cache, md.block_table[row], start, end)
+            layout.reset_scores(kv_cache, md.block_table[row], start, end)
         if md.vague_tokens.any():
-            ops.paged_attention_revived(
+            self.store.attend(
                 output[:num_tokens], query[:num_tokens], kv_cache, md.block_table,
                 md.exact_start, md.seq_lens, md.vague_tokens, md.query_start_loc,
-                self.scale, md.score_window, self.store, self.layer_seed,
+                self.scale, md.score_window, self.layer_seed,
             )
         else:
             ops.paged_attention(
@@ -360,7 +314,7 @@ class KVReviverAttentionImpl(AttentionImpl):
                 md.score_window,
             )
         for row, keep_exact, keep_vague in md.compactions:
-            self._compact(kv_cache, md, row, keep_exact, keep_vague)
+            self.compact(kv_cache, md, row, keep_exact, keep_vague)
         return output
 
     def _bind(self, layer: AttentionLayer, kv_cache: torch.Tensor) -> None:
@@ -370,24 +324,23 @@ class KVReviverAttentionImpl(AttentionImpl):
         self.layer_seed = zlib.crc32(layer.layer_name.encode())
         self.bound = True
 
-    def _select(self, scores: torch.Tensor, keep_exact: int) -> torch.Tensor:
+    def select_kept(self, scores: torch.Tensor, keep_exact: int) -> torch.Tensor:
         """Exact slots ``[Hkv, keep_exact]`` to keep, out of the scored exact range."""
         return policy.select_kept(
             scores, keep_exact, self.config.sink, self.config.recent,
-            by_score=self.config.variant != "streaming",
+            by_score=self.config.ranks_by_score,
             pool=(self.config.pool_before, self.config.pool_after),
         )
 
-    def _compact(self, kv_cache: torch.Tensor, md: KVReviverMetadata, row: int,
-                 keep_exact: int, keep_vague: int) -> None:
+    def compact(self, kv_cache: torch.Tensor, md: KVReviverMetadata, row: int,
+                keep_exact: int, keep_vague: int) -> None:
+        """Bring request ``row`` to ``keep_exact`` exact and ``keep_vague`` vague tokens."""
         block_row = md.block_table[row]
         start, end = int(md.exact_start[row]), int(md.seq_lens[row])
-        kept = self._select(ops.request_scores(kv_cache, block_row, end)[:, start:], keep_exact)
-        if self.store is not None:
-            ops.compact_into_store(
-                kv_cache, block_row, start, end, int(md.vague_tokens[row]), kept, keep_vague,
-                self.store, self.layer_seed,
-            )
+        scores = layout.request_scores(kv_cache, block_row, end)[:, start:]
+        kept = self.select_kept(scores, keep_exact)
+        if self.store is None:
+            ops.compact_slots(kv_cache, block_row, kept)
         else:
-            ops.compact(kv_cache, block_row, kept)
-        self.num_compactions += 1
+            self.store.compact(kv_cache, block_row, start, end, int(md.vague_tokens[row]), kept,
+                               keep_vague, self.layer_seed)

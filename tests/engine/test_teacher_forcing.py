@@ -1,4 +1,4 @@
-"""Teacher forcing through decode steps (``kvreviver_vllm.teacher_forcing``) in real vLLM.
+"""Teacher forcing through decode steps (``harness.teacher_forcing``) in real vLLM.
 
 The accuracy harness's loss and KL rest on two facts checked here: a forced request
 generates exactly the given tokens, and the logprob vLLM returns for each is the
@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from kvreviver_vllm.tasks import TaskGenerator
-from kvreviver_vllm.teacher_forcing import (
+from harness.tasks import TaskGenerator
+from harness.teacher_forcing import (
     FORCED_TOKENS_KEY,
     ForcedTokensLogitsProcessor,
     teacher_forced,

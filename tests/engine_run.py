@@ -10,7 +10,7 @@ import gc
 import os
 from dataclasses import dataclass
 
-from kvreviver_vllm.diagnostics import attention_impls
+from probes import attention_impls, count_forward_calls
 
 STOCK = None
 KVREVIVER = "kvreviver"
@@ -56,6 +56,7 @@ def run_engine(
         params = SamplingParams(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2
         )
+        llm.collective_rpc(count_forward_calls)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
         impls = llm.collective_rpc(attention_impls)[0]
         return EngineRun(

@@ -9,11 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvreviver_vllm import policy, sketch
+from kvreviver_vllm import layout, policy
+from kvreviver_vllm.ops import reference
 from kvreviver_vllm.stores import CountSketchStore, MixedQuantizedStore, QuantizedStore
 from test_reference_ops import build_cache, request_meta
 
-SLOT_BYTES = sketch.slot_width(64, torch.bfloat16) * 2  # 264
+SLOT_BYTES = layout.slot_width(64, torch.bfloat16) * 2  # 264
 
 
 def reference_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -30,7 +31,7 @@ def reference_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
        head_size=st.sampled_from([64, 128]), n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
 def test_records_round_trip(bits, value_bits, head_size, n, seed):
     gen = torch.Generator().manual_seed(seed)
-    store = QuantizedStore(head_size, bits, sketch.slot_width(head_size, torch.bfloat16) * 2,
+    store = QuantizedStore(head_size, bits, layout.slot_width(head_size, torch.bfloat16) * 2,
                            value_bits)
     # Codes of both widths, fp16 scale and min per 32 channels of K and of V, position, score.
     assert store.record_bytes == head_size * (bits + (value_bits or bits)) // 8 + head_size // 4 + 8
@@ -101,7 +102,7 @@ def _layout_request(store, gen, num_vague, num_exact, num_kv_heads=3, head_size=
         store.encode(vk[h], vv[h], torch.arange(num_vague), torch.zeros(num_vague))
         for h in range(num_kv_heads)
     ])
-    sketch.write_store_pages(cache, table[0], torch.stack([store.to_pages(r) for r in records]))
+    layout.write_store_pages(cache, table[0], torch.stack([store.to_pages(r) for r in records]))
     revived = [store.decode(r) for r in records]
     vague_k = torch.stack([r[0] for r in revived])
     vague_v = torch.stack([r[1] for r in revived])
@@ -115,7 +116,7 @@ def test_revival_is_one_softmax_over_vague_and_exact_tokens():
     cache, table, ek, ev, vk, vv, pages = _layout_request(store, gen, num_vague, num_exact)
     query = torch.randn(num_queries, 9, 64, generator=gen).to(torch.bfloat16)
     out = torch.empty_like(query)
-    sketch.paged_attention_revived(
+    reference.revived_attention(
         out, query, cache, table, torch.tensor([pages]), torch.tensor([pages + num_exact]),
         torch.tensor([num_vague]), torch.tensor([0, num_queries]), 0.125, num_queries, store, 0,
     )
@@ -133,7 +134,7 @@ def test_revival_is_one_softmax_over_vague_and_exact_tokens():
     # Scores: exact slots and vague records both gained the attention they got.
     _, exact_scores = request_meta(cache, table[0], pages + num_exact)
     torch.testing.assert_close(exact_scores[:, pages:].double(), received[:, num_vague:], atol=1e-4, rtol=1e-4)
-    pages_now = sketch.store_pages(cache, table[0], pages)
+    pages_now = layout.store_pages(cache, table[0], pages)
     vague_scores = torch.stack([store.decode(store.from_pages(p, num_vague))[3] for p in pages_now])
     torch.testing.assert_close(vague_scores.double(), received[:, :num_vague], atol=1e-4, rtol=1e-4)
 
@@ -144,17 +145,17 @@ def test_compaction_demotes_exactly_the_dropped_tokens():
     num_vague, num_exact = 6, 30
     cache, table, ek, ev, _, _, pages = _layout_request(store, gen, num_vague, num_exact)
     # Exact tokens sit at positions 100.. so they sort after the old vague ones.
-    positions, scores = sketch.slot_meta(cache)
-    blocks, offsets = sketch.physical_slots(table[0], torch.arange(pages, pages + num_exact), 16)
+    positions, scores = layout.slot_meta(cache)
+    blocks, offsets = layout.physical_slots(table[0], torch.arange(pages, pages + num_exact), 16)
     positions[blocks, :, offsets] = (100 + torch.arange(num_exact, dtype=torch.int32))[:, None]
     scores[blocks, :, offsets] = torch.rand(num_exact, 3, generator=gen)
     kept = torch.stack([torch.sort(torch.randperm(num_exact, generator=gen)[:10]).values for _ in range(3)])
     # Keep every record (6 old + 20 demoted): a pure demotion, no eviction.
-    sketch.compact_into_store(cache, table[0], pages, pages + num_exact, num_vague, kept, 26, store, 0)
+    reference.compact_into_store(cache, table[0], pages, pages + num_exact, num_vague, kept, 26, store, 0)
 
     new_pages = store.slots_for(26)
-    records = [store.from_pages(p, 26) for p in sketch.store_pages(cache, table[0], new_pages)]
-    exact_now = sketch.slot_range(cache, table[0], new_pages, new_pages + 10)
+    records = [store.from_pages(p, 26) for p in layout.store_pages(cache, table[0], new_pages)]
+    exact_now = layout.slot_range(cache, table[0], new_pages, new_pages + 10)
     for h in range(3):
         demoted = torch.ones(num_exact, dtype=torch.bool)
         demoted[kept[h]] = False
@@ -173,15 +174,15 @@ def test_compaction_evicts_the_lowest_scored_records():
     gen = torch.Generator().manual_seed(2)
     store = QuantizedStore(64, 4, SLOT_BYTES)
     cache, table, _, _, _, _, pages = _layout_request(store, gen, 9, 12, num_kv_heads=1)
-    positions, scores = sketch.slot_meta(cache)
-    blocks, offsets = sketch.physical_slots(table[0], torch.arange(pages, pages + 12), 16)
+    positions, scores = layout.slot_meta(cache)
+    blocks, offsets = layout.physical_slots(table[0], torch.arange(pages, pages + 12), 16)
     positions[blocks, :, offsets] = (100 + torch.arange(12, dtype=torch.int32))[:, None]
     scores[blocks, :, offsets] = torch.arange(12, dtype=torch.float32)[:, None] + 1  # > old records' 0
     kept = torch.arange(8, 12)[None]  # keep the last 4 exact
     # 9 old records (score 0) + 8 demoted (scores 1..8); room for 10: the 8 demoted
     # and 2 of the old survive.
-    sketch.compact_into_store(cache, table[0], pages, pages + 12, 9, kept, 10, store, 0)
-    page = sketch.store_pages(cache, table[0], store.slots_for(10))[0]
+    reference.compact_into_store(cache, table[0], pages, pages + 12, 9, kept, 10, store, 0)
+    page = layout.store_pages(cache, table[0], store.slots_for(10))[0]
     _, _, pos, _ = store.decode(store.from_pages(page, 10))
     assert sorted(pos.tolist())[2:] == list(range(100, 108))  # all demoted tokens
     assert sum(p < 9 for p in pos.tolist()) == 2  # and the best 2 of the old records
@@ -213,7 +214,7 @@ def test_quantized_store_keeps_a_needles_neighbours_together():
 def test_pooled_scores_reach_before_and_after_each_token():
     scores = torch.tensor([[0.0, 0, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 2]])
     # SnapKV's kernel of 7: three on either side.
-    assert policy.pooled_scores(scores)[0].tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+    assert policy.pooled_scores(scores, *policy.SNAPKV_POOL)[0].tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 0, 0]
     out = policy.pooled_scores(scores, before=1, after=4)
     assert out[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0]
     assert out[1].tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 2, 2]
@@ -224,7 +225,7 @@ def test_pooled_scores_reach_before_and_after_each_token():
 
 def test_count_sketch_sums_signed_tokens_and_revives_by_mean():
     gen = torch.Generator().manual_seed(3)
-    slot_bytes = sketch.slot_width(64, torch.float32) * 4  # float32 sums, exact to compare
+    slot_bytes = layout.slot_width(64, torch.float32) * 4  # float32 sums, exact to compare
     store = CountSketchStore(64, 3, 8, slot_bytes, torch.float32)
     empty = torch.zeros(0, slot_bytes, dtype=torch.uint8)
     keys, values = torch.randn(20, 64, generator=gen), torch.randn(20, 64, generator=gen)
@@ -287,7 +288,7 @@ def test_mixed_store_keeps_the_best_ranked_records_at_the_high_width():
     empty = torch.zeros(0, SLOT_BYTES, dtype=torch.uint8)
     pages = store.absorb(empty, 0, keys, values, torch.arange(40), scores, 12, seed=0)
     assert pages.shape[0] == store.slots_for(12)
-    pooled = policy.pooled_scores(scores[None])[0]
+    pooled = policy.pooled_scores(scores[None], store.pool_before, store.pool_after)[0]
     best = pooled.sort(descending=True, stable=True).indices[:12]
     high, low = best[:3].sort().values, best[3:].sort().values
     rk, rv = store.revive(pages, 12, seed=0)
@@ -309,7 +310,7 @@ def test_mixed_store_keeps_the_best_ranked_records_at_the_high_width():
     all_pos = torch.cat([old_pos, torch.arange(40, 44)])
     all_scores = torch.cat([received, torch.zeros(4)])
     order = all_pos.argsort()
-    ranked = policy.pooled_scores(all_scores[order][None])[0].sort(descending=True, stable=True).indices
+    ranked = policy.pooled_scores(all_scores[order][None], store.pool_before, store.pool_after)[0].sort(descending=True, stable=True).indices
     hi_part, lo_part = store._parts(pages, 8)
     assert store.high.meta(hi_part)[0].tolist() == all_pos[order][ranked[:2]].sort().values.tolist()
     assert store.low.meta(lo_part)[0].tolist() == all_pos[order][ranked[2:8]].sort().values.tolist()

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvreviver_vllm import sketch
+from kvreviver_vllm import layout
+from kvreviver_vllm.ops import reference
 
 
 def naive_attention(query, keys, values, scale, seq_len, num_queries, score_window=None):
@@ -38,7 +39,7 @@ def build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen):
     blocks_per_req = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_req) + 3
     perm = torch.randperm(num_blocks, generator=gen)
-    width = sketch.slot_width(head_size, dtype)
+    width = layout.slot_width(head_size, dtype)
     cache = torch.full((num_blocks, num_kv_heads, block_size, width), float("nan"), dtype=dtype)
     table = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32)
     keys, values, used = [], [], 0
@@ -50,7 +51,7 @@ def build_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, gen):
         v = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
         pos = torch.arange(n)
         slots = row[pos // block_size].long() * block_size + pos % block_size
-        sketch.write_kv(cache, k, v, slots, pos)
+        reference.write_kv(cache, k, v, slots, pos)
         keys.append(k)
         values.append(v)
     return cache, table, keys, values
@@ -79,8 +80,8 @@ def test_paged_attention_matches_naive(data, gqa, num_kv_heads, head_size, block
     out = torch.empty_like(query)
     scale = head_size**-0.5
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, score_window)
-    sketch.paged_attention(out, query, cache, table, lens, qsl, scale, score_window)  # scores add up
+    reference.paged_attention(out, query, cache, table, lens, qsl, scale, score_window)
+    reference.paged_attention(out, query, cache, table, lens, qsl, scale, score_window)  # scores add up
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for r, (n, q) in enumerate(zip(seq_lens, q_lens)):
         rows = slice(int(qsl[r]), int(qsl[r + 1]))
@@ -93,21 +94,21 @@ def test_paged_attention_matches_naive(data, gqa, num_kv_heads, head_size, block
 
 def request_meta(cache, block_row, num_tokens):
     """(positions, scores) ``[Hkv, num_tokens]`` of a request's first slots."""
-    positions, scores = sketch.slot_meta(cache)
-    blocks, offsets = sketch.physical_slots(block_row, torch.arange(num_tokens), cache.shape[2])
+    positions, scores = layout.slot_meta(cache)
+    blocks, offsets = layout.physical_slots(block_row, torch.arange(num_tokens), cache.shape[2])
     return positions[blocks, :, offsets].T, scores[blocks, :, offsets].T
 
 
 def test_slot_layout_holds_kv_position_and_score():
-    assert sketch.slot_width(64, torch.bfloat16) == 132
-    assert sketch.slot_width(64, torch.float32) == 130
-    cache = torch.zeros(2, 1, 16, sketch.slot_width(4, torch.float32))
+    assert layout.slot_width(64, torch.bfloat16) == 132
+    assert layout.slot_width(64, torch.float32) == 130
+    cache = torch.zeros(2, 1, 16, layout.slot_width(4, torch.float32))
     key = torch.ones(3, 1, 4)
     value = 2 * torch.ones(3, 1, 4)
-    sketch.write_kv(cache, key, value, torch.tensor([0, -1, 17]), torch.tensor([5, 6, 8190]))
+    reference.write_kv(cache, key, value, torch.tensor([0, -1, 17]), torch.tensor([5, 6, 8190]))
     assert cache[0, 0, 0, :8].tolist() == [1] * 4 + [2] * 4
     assert cache[1, 0, 1, :8].tolist() == [1] * 4 + [2] * 4
-    positions, scores = sketch.slot_meta(cache)
+    positions, scores = layout.slot_meta(cache)
     assert positions[0, 0, 0] == 5 and positions[1, 0, 1] == 8190
     assert int((cache[..., :8] != 0).sum()) == 16 and not scores.any()
 
@@ -118,6 +119,6 @@ def test_gather_kv_near_max_positions(seq_len):
     cache, table, keys, values = build_cache([seq_len], 2, 64, 128, torch.float32, gen)
     positions, _ = request_meta(cache, table[0], seq_len)
     assert positions[:, -1].tolist() == [seq_len - 1] * 2
-    k, v = sketch.gather_kv(cache, table[0], seq_len)
+    k, v = layout.gather_kv(cache, table[0], seq_len)
     torch.testing.assert_close(k, keys[0].transpose(0, 1))
     torch.testing.assert_close(v, values[0].transpose(0, 1))

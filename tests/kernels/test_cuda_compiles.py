@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-CUDA_DIR = Path(__file__).parents[1] / "csrc" / "cuda"
+CUDA_DIR = Path(__file__).parents[2] / "csrc" / "cuda"
 CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 # The torch bindings of the CUDA kernels need c10/cuda, which the CPU torch
 # wheel lacks: they are syntax-checked against two stand-in headers instead.

@@ -1,51 +1,40 @@
-"""Pure-PyTorch reference of every KVReviver op: the spec the compiled kernels match.
+"""Pure-PyTorch reference of every KVReviver op: the spec the kernels in ``csrc/`` match.
 
-Written for clarity, not speed. Each function here has the same signature and
-semantics as the op of the same name that ``ops.py`` exposes.
-
-Paged cache layout (one layer): ``kv_cache[num_blocks, num_kv_heads, block_size, W]``.
-A request's physical slot ``s`` is offset ``s % block_size`` of block
-``block_table[req, s // block_size]``. Each slot holds, per KV head,
-
-    [ key (D elements) | value (D elements) | position (int32) | score (float32) ]
-
-so ``W = 2 * D + META_BYTES / itemsize``. The position is the token's logical
-(RoPE) position; the score is the attention mass the token received since the
-request's last compaction (summed over the query heads of its GQA group).
+Written for clarity, not speed. Each op here has the name, signature and
+semantics of the ``torch.ops.kvreviver`` op that ``kvreviver_vllm.ops`` wraps
+(schemas: ``csrc/bindings.cpp``); byte layouts are in ``kvreviver_vllm.layout``.
+Two store-generic routines (:func:`revived_attention`, :func:`compact_into_store`)
+define attention and compaction for any vague store; the quantized store's ops
+are those routines over :class:`QuantizedRecords`, the reference semantics of its
+records. Importing this module needs torch only (no vLLM), so the GPU checks run
+where vLLM is not installed.
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+
 import torch
 
-META_BYTES = 8  # int32 position + float32 score
-
-
-def slot_width(head_size: int, dtype: torch.dtype) -> int:
-    """Elements of ``dtype`` per (slot, KV head): K, V and the metadata."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * head_size + META_BYTES // itemsize
-
-
-def head_size_of(kv_cache: torch.Tensor) -> int:
-    return (kv_cache.shape[-1] - META_BYTES // kv_cache.element_size()) // 2
-
-
-def slot_meta(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views ``(positions int32, scores float32)`` shaped ``kv_cache.shape[:-1]``."""
-    meta = kv_cache[..., 2 * head_size_of(kv_cache) :].view(torch.int32)
-    return meta[..., 0], meta[..., 1].view(torch.float32)
-
-
-def physical_slots(block_row: torch.Tensor, slots: torch.Tensor, block_size: int):
-    """(block ids, offsets) of a request's physical slot indices."""
-    return block_row[slots // block_size].long(), slots % block_size
-
-
-def physical_span(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int):
-    """(block ids, offsets) of a request's physical slots ``[start, end)``."""
-    slots = torch.arange(start, end, device=kv_cache.device)
-    return physical_slots(block_row, slots, kv_cache.shape[2])
+from kvreviver_vllm.layout import (
+    META_BYTES,
+    gather_kv,
+    head_seed,
+    head_size_of,
+    physical_slots,
+    physical_span,
+    record_bytes,
+    record_group,
+    record_meta,
+    slot_meta,
+    slot_range,
+    store_pages,
+    with_record_scores,
+    write_slot_range,
+    write_store_pages,
+)
+from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, pooled_scores
 
 
 def write_kv(
@@ -72,21 +61,6 @@ def write_kv(
     pos, score = slot_meta(kv_cache)
     pos[blocks, :, offsets] = positions.to(torch.int32)[:, None]
     score[blocks, :, offsets] = 0.0
-
-
-def slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Whole slots ``[Hkv, end - start, W]`` of one request's slots ``[start, end)``."""
-    blocks, offsets = physical_span(kv_cache, block_row, start, end)
-    return kv_cache[blocks, :, offsets].transpose(0, 1)
-
-
-def gather_kv(
-    kv_cache: torch.Tensor, block_row: torch.Tensor, num_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[Hkv, num_tokens, D]`` of one request's first ``num_tokens`` slots."""
-    head_size = head_size_of(kv_cache)
-    slots = slot_range(kv_cache, block_row, 0, num_tokens)
-    return slots[..., :head_size], slots[..., head_size : 2 * head_size]
 
 
 def paged_attention(
@@ -143,7 +117,7 @@ def window_mass(probs: torch.Tensor, score_window: int, num_kv_heads: int) -> to
     return received.view(num_kv_heads, num_q_heads // num_kv_heads, num_keys).sum(dim=1)
 
 
-def compact(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: torch.Tensor) -> None:
+def compact_slots(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: torch.Tensor) -> None:
     """Move each KV head's kept slots ``kept_slots[h]`` (ascending, ``[Hkv, keep]``)
     of one request to its slots ``[0, keep)``, in order, and zero their scores."""
     num_kv_heads, keep = kept_slots.shape
@@ -157,51 +131,7 @@ def compact(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: torch.T
     score[dst_blocks, :, dst_offsets] = 0.0
 
 
-def request_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Scores ``[Hkv, num_slots]`` (float32) of one request's first slots."""
-    _, score = slot_meta(kv_cache)
-    blocks, offsets = physical_span(kv_cache, block_row, 0, num_slots)
-    return score[blocks, :, offsets].transpose(0, 1)
-
-
-
-def reset_scores(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> None:
-    """Zero the scores of one request's slots ``[start, end)``."""
-    _, score = slot_meta(kv_cache)
-    blocks, offsets = physical_span(kv_cache, block_row, start, end)
-    score[blocks, :, offsets] = 0.0
-
-# ---------------------------------------------------------------------------
-# Revival: attention over exact slots plus the vague store, and compaction
-# into it. A request's slots are laid out as
-#     [0, exact_start)          vague-store pages (records, see stores/quantized.py)
-#     [exact_start, seq_len)    exact slots in position order, this step's last
-# ---------------------------------------------------------------------------
-
-
-def write_slot_range(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int,
-                     slots: torch.Tensor) -> None:
-    """Write ``slots [Hkv, n, W]`` (cache dtype) to one request's slots ``[start, start + n)``."""
-    blocks, offsets = physical_span(kv_cache, block_row, start, start + slots.shape[1])
-    kv_cache[blocks, :, offsets] = slots.transpose(0, 1)
-
-
-def store_pages(kv_cache: torch.Tensor, block_row: torch.Tensor, exact_start: int) -> torch.Tensor:
-    """One request's vague-store pages, raw: ``uint8 [Hkv, exact_start, slot_bytes]``."""
-    return slot_range(kv_cache, block_row, 0, exact_start).contiguous().view(torch.uint8)
-
-
-def write_store_pages(kv_cache: torch.Tensor, block_row: torch.Tensor, pages: torch.Tensor) -> None:
-    """Write ``pages uint8 [Hkv, P, slot_bytes]`` to one request's slots ``[0, P)``."""
-    write_slot_range(kv_cache, block_row, 0, pages.view(kv_cache.dtype))
-
-
-def head_seed(layer_seed: int, head: int) -> int:
-    """Hash seed of one (layer, KV head); stores derive one per row from it."""
-    return layer_seed * 1_000_003 + head
-
-
-def paged_attention_revived(
+def revived_attention(
     out: torch.Tensor,
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -215,7 +145,9 @@ def paged_attention_revived(
     store,
     layer_seed: int,
 ) -> None:
-    """One softmax per query over the request's revived vague tokens
+    """Attention over any vague store (``store``: ``revive``, ``add_attention``).
+
+    One softmax per query over the request's revived vague tokens
     (reconstructed by ``store`` from its pages; all older than every query of the
     step) and its exact slots ``[exact_start, seq_len)`` (causal as in
     :func:`paged_attention`). Exact slots, and vague tokens where the store
@@ -270,7 +202,9 @@ def compact_into_store(
     store,
     layer_seed: int,
 ) -> None:
-    """Per KV head: keep exact slots ``kept_exact[h]`` (indices into the exact
+    """Compaction into any vague store (``store``: ``absorb``, ``slots_for``).
+
+    Per KV head: keep exact slots ``kept_exact[h]`` (indices into the exact
     range, ascending), demote the other exact tokens into the store, which keeps
     ``keep_vague`` tokens; then lay the request out again: store pages at
     ``[0, slots_for(keep_vague))``, kept exact slots right after, scores reset."""
@@ -303,11 +237,6 @@ def compact_into_store(
 # (float16, one per group of ``group`` channels) | position int32 | score float32],
 # key codes of ``bits`` bits and value codes of ``value_bits`` (0: ``bits``) packed
 # little-endian, asymmetric min/max per group.
-
-def record_bytes(head_size: int, bits: int, group: int, value_bits: int = 0) -> int:
-    value_bits = value_bits or bits
-    return head_size * (bits + value_bits) // 8 + 8 * (head_size // group) + META_BYTES
-
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -368,6 +297,136 @@ def dequantize_records(records: torch.Tensor, head_size: int, bits: int, group: 
     return keys, values
 
 
+@dataclass(frozen=True)
+class QuantizedRecords:
+    """The quantized store's records in a head's pages, and its per-head
+    semantics: the reference that ``paged_attention_quantized`` and
+    ``compact_quantized`` are defined by. Records are packed back to back (one may
+    straddle two slots, so no byte is wasted)."""
+
+    head_size: int
+    bits: int
+    slot_bytes: int
+    value_bits: int = 0  # 0: ``bits``
+    pool_before: int = POOL_BEFORE  # records rank by scores pooled as exact slots are
+    pool_after: int = POOL_AFTER
+    group: int = 0  # 0: ``layout.record_group(head_size)``
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value_bits", self.value_bits or self.bits)
+        object.__setattr__(self, "group", self.group or record_group(self.head_size))
+
+    @property
+    def record_bytes(self) -> int:
+        return record_bytes(self.head_size, self.bits, self.group, self.value_bits)
+
+    def slots_for(self, num_tokens: int) -> int:
+        return -(-num_tokens * self.record_bytes // self.slot_bytes)
+
+    def capacity(self, num_slots: int) -> int:
+        return max(0, num_slots) * self.slot_bytes // self.record_bytes
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               scores: torch.Tensor) -> torch.Tensor:
+        """Records ``uint8 [N, record_bytes]`` of tokens ``keys/values [N, D]``."""
+        return quantize_records(keys, values, positions, scores, self.bits, self.group,
+                                self.value_bits)
+
+    def decode(self, records: torch.Tensor):
+        """``(keys, values)`` float32 ``[N, D]``, positions int32 and scores float32 ``[N]``."""
+        keys, values = dequantize_records(records, self.head_size, self.bits, self.group,
+                                          self.value_bits)
+        return keys, values, *record_meta(records)
+
+    meta = staticmethod(record_meta)
+    with_scores = staticmethod(with_record_scores)
+
+    def to_pages(self, records: torch.Tensor) -> torch.Tensor:
+        """``[N, record_bytes]`` -> ``uint8 [slots_for(N), slot_bytes]``."""
+        n = records.shape[0]
+        pages = records.new_zeros(self.slots_for(n) * self.slot_bytes)
+        pages[: n * self.record_bytes] = records.reshape(-1)
+        return pages.view(-1, self.slot_bytes)
+
+    def from_pages(self, pages: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        used = pages.reshape(-1)[: num_tokens * self.record_bytes]
+        return used.view(num_tokens, self.record_bytes)
+
+    def revive(self, pages: torch.Tensor, num_tokens: int, seed: int):
+        keys, values, _, _ = self.decode(self.from_pages(pages, num_tokens))
+        return keys, values
+
+    def add_attention(self, pages: torch.Tensor, num_tokens: int, received: torch.Tensor):
+        records = self.from_pages(pages, num_tokens)
+        return self.to_pages(self.with_scores(records, self.meta(records)[1] + received))
+
+    def absorb(self, pages, num_tokens, keys, values, positions, scores, keep, seed):
+        """Old records plus the demoted tokens' records; the ``keep`` best survive,
+        stored in position order with their importance reset. Records are ranked
+        as exact slots are (:func:`policy.pooled_scores`): by the importance since
+        the last compaction, max-pooled over neighbouring records, so a needle's
+        tokens survive together rather than its one most-attended token."""
+        records = torch.cat(
+            [self.from_pages(pages, num_tokens), self.encode(keys, values, positions, scores)]
+        )
+        records = records[self.meta(records)[0].argsort()]
+        _, rec_scores = self.meta(records)
+        # A stable sort, so ties (pooling makes plateaus) go to the older record.
+        ranked = pooled_scores(rec_scores[None], self.pool_before, self.pool_after)[0]
+        ranked = ranked.sort(descending=True, stable=True)
+        best = ranked.indices[:keep].sort().values
+        return self.to_pages(self.with_scores(records[best], torch.zeros(keep)))
+
+
+def _records_of(kv_cache: torch.Tensor, bits: int, group: int, value_bits: int,
+                pool_before: int = POOL_BEFORE, pool_after: int = POOL_AFTER) -> QuantizedRecords:
+    slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
+    return QuantizedRecords(head_size_of(kv_cache), bits, slot_bytes, value_bits, pool_before,
+                            pool_after, group)
+
+
+def paged_attention_quantized(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    exact_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    vague_tokens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    score_window: int,
+    bits: int,
+    group: int,
+    value_bits: int = 0,
+) -> None:
+    """:func:`revived_attention` over the quantized store's records."""
+    revived_attention(out, query, kv_cache, block_table, exact_start, seq_lens, vague_tokens,
+                      query_start_loc, scale, score_window,
+                      _records_of(kv_cache, bits, group, value_bits), 0)
+
+
+def compact_quantized(
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    exact_start: int,
+    seq_len: int,
+    num_vague: int,
+    kept_exact: torch.Tensor,
+    keep_vague: int,
+    bits: int,
+    group: int,
+    value_bits: int,
+    pool_before: int,
+    pool_after: int,
+) -> None:
+    """:func:`compact_into_store` into the quantized store's records, ranked by
+    scores pooled ``pool_before`` / ``pool_after`` records each way."""
+    compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
+                       keep_vague,
+                       _records_of(kv_cache, bits, group, value_bits, pool_before, pool_after), 0)
+
+
 # -- vague-store ops: count sketch ---------------------------------------------
 #
 # ``rows x buckets`` sums of signed tokens. Row r hashes position p with its
@@ -375,6 +434,13 @@ def dequantize_records(records: torch.Tensor, head_size: int, bits: int, group: 
 # buckets and sign 1 - 2 ((c p + d) mod P mod 2), P = 2**31 - 1.
 
 SKETCH_PRIME = 2_147_483_647
+
+
+def sketch_coefficients(rows: int, seed: int) -> torch.Tensor:
+    """Hash coefficients ``int64 [rows, 4]`` of one (layer, KV head), each in [1, P)."""
+    rng = random.Random(seed)
+    return torch.tensor([[rng.randrange(1, SKETCH_PRIME) for _ in range(4)] for _ in range(rows)],
+                        dtype=torch.int64)
 
 
 def sketch_hashes(positions: torch.Tensor, coefficients: torch.Tensor, buckets: int

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvreviver_vllm.backend.common import DECODE_ROOM
+from kvreviver_vllm.schedule import DECODE_ROOM
 from kvreviver_vllm.host import fast_dtype
 
 pytestmark = pytest.mark.engine
@@ -160,14 +160,14 @@ def test_preempted_requests_resume_exactly(model_dir):
 ], ids=["quantized", "sketch", "evict", "mixed"])
 def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, variant, extra):
     """Checks run inside the worker on the real paged cache (see
-    kvreviver_vllm.diagnostics.install_store_checks): every compaction keeps the
+    harness.probes.install_store_checks): every compaction keeps the
     selected exact slots and stores exactly the demoted tokens (the mixed store: the
     former only; test_vague_store checks its records), every decode step attends
     over exactly the revived store plus the exact slots."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvreviver_vllm.diagnostics import install_store_checks, store_check_results
+    from probes import install_store_checks, store_check_results
     from prompts import make_prompt
 
     with kvreviver_engine(model_dir, budget=0.25, variant=variant, **extra) as llm:
@@ -193,7 +193,7 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
 
 @pytest.mark.parametrize("budget, variant", [(1.0, "quantized"), (0.1, "evict"), (0.1, "quantized")])
 def test_attention_error_probe_measures_compression(model_dir, tokenizer, budget, variant):
-    """The accuracy harness's attention-output error (kvreviver_vllm.diagnostics.
+    """The accuracy harness's attention-output error (harness.probes.
     install_attention_error_probe): with nothing compressed it is rounding only;
     under compression it is measured on every layer, for every prompt, and is larger."""
     import statistics
@@ -201,7 +201,7 @@ def test_attention_error_probe_measures_compression(model_dir, tokenizer, budget
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kvreviver_vllm.diagnostics import attention_error_results, install_attention_error_probe
+    from harness.probes import attention_error_results, install_attention_error_probe
     from prompts import make_prompt
 
     steps, layers = 4, 30

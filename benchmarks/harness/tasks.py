@@ -51,7 +51,7 @@ class Sample:
     """Text the continuation must contain; for ``loss``, empty."""
     forced_ids: tuple[int, ...] = ()
     """For ``loss``: the text's continuation after the prompt, teacher-forced
-    through decode steps (``kvreviver_vllm.teacher_forcing``); the loss is taken
+    through decode steps (``harness.teacher_forcing``); the loss is taken
     over it."""
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvreviver_vllm import tasks
-from kvreviver_vllm.tasks import RETRIEVAL_TASKS, TASKS, Sample, TaskGenerator, is_correct
+from harness import tasks
+from harness.tasks import RETRIEVAL_TASKS, TASKS, Sample, TaskGenerator, is_correct
 
 
 @pytest.fixture(scope="module")
