@@ -145,7 +145,6 @@ def _wrap_with_coverage_probe(impl, layer_index: int) -> None:
     import itertools
 
     from kvreviver_vllm import layout
-from kvreviver_vllm.ops import reference
     from kvreviver_vllm.stores import QuantizedStore
 
     serials: dict[int, int] = {}  # first block id -> request serial, until its first compaction

@@ -37,13 +37,8 @@ from kvreviver_vllm.layout import (
 from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, pooled_scores
 
 
-def write_kv(
-    kv_cache: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor, positions: torch.Tensor) -> None:
     """Store ``key``/``value`` ``[T, Hkv, D]`` and each token's logical position at
     its slot (global slot id ``block * block_size + offset``) with score 0.
     Slots < 0 are padding and skipped."""
@@ -63,16 +58,9 @@ def write_kv(
     score[blocks, :, offsets] = 0.0
 
 
-def paged_attention(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    score_window: int,
-) -> None:
+def paged_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, score_window: int) -> None:
     """Causal attention of each request's queries over its first ``seq_lens`` slots.
 
     ``query``/``out`` are ``[T, Hq, D]``; request ``r`` owns query rows
@@ -131,20 +119,11 @@ def compact_slots(kv_cache: torch.Tensor, block_row: torch.Tensor, kept_slots: t
     score[dst_blocks, :, dst_offsets] = 0.0
 
 
-def revived_attention(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    exact_start: torch.Tensor,
-    seq_lens: torch.Tensor,
-    vague_tokens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    score_window: int,
-    store,
-    layer_seed: int,
-) -> None:
+def revived_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+                      block_table: torch.Tensor, exact_start: torch.Tensor,
+                      seq_lens: torch.Tensor, vague_tokens: torch.Tensor,
+                      query_start_loc: torch.Tensor, scale: float, score_window: int, store,
+                      layer_seed: int) -> None:
     """Attention over any vague store (``store``: ``revive``, ``add_attention``).
 
     One softmax per query over the request's revived vague tokens
@@ -191,17 +170,9 @@ def revived_attention(
                 write_store_pages(kv_cache, block_table[r], torch.stack(updated))
 
 
-def compact_into_store(
-    kv_cache: torch.Tensor,
-    block_row: torch.Tensor,
-    exact_start: int,
-    seq_len: int,
-    num_vague: int,
-    kept_exact: torch.Tensor,
-    keep_vague: int,
-    store,
-    layer_seed: int,
-) -> None:
+def compact_into_store(kv_cache: torch.Tensor, block_row: torch.Tensor, exact_start: int,
+                       seq_len: int, num_vague: int, kept_exact: torch.Tensor, keep_vague: int,
+                       store, layer_seed: int) -> None:
     """Compaction into any vague store (``store``: ``absorb``, ``slots_for``).
 
     Per KV head: keep exact slots ``kept_exact[h]`` (indices into the exact
@@ -385,41 +356,21 @@ def _records_of(kv_cache: torch.Tensor, bits: int, group: int, value_bits: int,
                             pool_after, group)
 
 
-def paged_attention_quantized(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    exact_start: torch.Tensor,
-    seq_lens: torch.Tensor,
-    vague_tokens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    score_window: int,
-    bits: int,
-    group: int,
-    value_bits: int = 0,
-) -> None:
+def paged_attention_quantized(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+                              block_table: torch.Tensor, exact_start: torch.Tensor,
+                              seq_lens: torch.Tensor, vague_tokens: torch.Tensor,
+                              query_start_loc: torch.Tensor, scale: float, score_window: int,
+                              bits: int, group: int, value_bits: int = 0) -> None:
     """:func:`revived_attention` over the quantized store's records."""
     revived_attention(out, query, kv_cache, block_table, exact_start, seq_lens, vague_tokens,
                       query_start_loc, scale, score_window,
                       _records_of(kv_cache, bits, group, value_bits), 0)
 
 
-def compact_quantized(
-    kv_cache: torch.Tensor,
-    block_row: torch.Tensor,
-    exact_start: int,
-    seq_len: int,
-    num_vague: int,
-    kept_exact: torch.Tensor,
-    keep_vague: int,
-    bits: int,
-    group: int,
-    value_bits: int,
-    pool_before: int,
-    pool_after: int,
-) -> None:
+def compact_quantized(kv_cache: torch.Tensor, block_row: torch.Tensor, exact_start: int,
+                      seq_len: int, num_vague: int, kept_exact: torch.Tensor, keep_vague: int,
+                      bits: int, group: int, value_bits: int, pool_before: int,
+                      pool_after: int) -> None:
     """:func:`compact_into_store` into the quantized store's records, ranked by
     scores pooled ``pool_before`` / ``pool_after`` records each way."""
     compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
