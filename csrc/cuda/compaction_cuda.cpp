@@ -12,8 +12,9 @@
 
 #include <limits>
 
-#include "../op_checks.h"
-#include "../quantized_records.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
+#include "../common/quantized_records.h"
 #include "compaction_kernels.cuh"
 #include "vague_store_kernels.cuh"
 
@@ -144,8 +145,8 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CUDA, m) {
-  m.impl("compact_slots", &compact_slots_cuda);
-  m.impl("compact_quantized", &compact_quantized_cuda);
+  m.impl("compact_slots", static_cast<op::compact_slots*>(&compact_slots_cuda));
+  m.impl("compact_quantized", static_cast<op::compact_quantized*>(&compact_quantized_cuda));
 }
 
 }  // namespace kvreviver

@@ -4,11 +4,12 @@
 
 #include <cuda_fp16.h>
 
+#include "../common/sketch_hash.h"
+
 namespace kvreviver::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1
 
 // Keys at `bits`, values at `value_bits` (resolved: never 0 here).
 __device__ __forceinline__ int64_t record_bytes(int d, int bits, int value_bits, int group) {
@@ -100,13 +101,7 @@ __global__ void dequantize_records_kernel(const uint8_t* __restrict__ records,
       q * load_half(params + 2 * g) + load_half(params + 2 * (groups + g));
 }
 
-__device__ __forceinline__ int64_t sketch_bucket(const int64_t* c, int64_t p, int buckets) {
-  return (c[0] * p + c[1]) % kSketchPrime % buckets;
-}
-
-__device__ __forceinline__ float sketch_sign(const int64_t* c, int64_t p) {
-  return 1.f - 2.f * static_cast<float>((c[2] * p + c[3]) % kSketchPrime % 2);
-}
+// sketch_bucket, sketch_sign: ../common/sketch_hash.h, shared with the CPU kernels.
 
 // One thread per (token, row, channel), for keys and values.
 __global__ void count_sketch_add_kernel(float* __restrict__ bucket_keys,

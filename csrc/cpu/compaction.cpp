@@ -16,8 +16,9 @@
 #include <numeric>
 #include <vector>
 
-#include "op_checks.h"
-#include "quantized_records.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
+#include "../common/quantized_records.h"
 
 namespace kvreviver {
 namespace {
@@ -197,8 +198,8 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CPU, m) {
-  m.impl("compact_slots", &compact_slots_cpu);
-  m.impl("compact_quantized", &compact_quantized_cpu);
+  m.impl("compact_slots", static_cast<op::compact_slots*>(&compact_slots_cpu));
+  m.impl("compact_quantized", static_cast<op::compact_quantized*>(&compact_quantized_cpu));
 }
 
 }  // namespace kvreviver

@@ -9,10 +9,9 @@
 #include <utility>
 
 #include "quantized_records.h"
+#include "sketch_hash.h"
 
 namespace kvreviver {
-
-constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1: sketch hash modulus
 
 // Bit widths (keys; values, 0: the keys') and channel group of a quantized store.
 inline void check_store_layout(int64_t head_size, int64_t bits, int64_t group,
