@@ -111,4 +111,4 @@ def test_csrc_layout():
     assert [n for n in names if n.startswith("cpu/")] == [
         "cpu/attention.cpp", "cpu/compaction.cpp", "cpu/vague_store.cpp"]
     assert {"common/ops.h", "common/op_checks.h", "common/quantized_records.h",
-            "common/scratch.h", "common/sketch_hash.h"} <= {n for n in names if n.startswith("common/")}
+            "common/record_layout.h", "common/scratch.h", "common/sketch_hash.h"} <= {n for n in names if n.startswith("common/")}

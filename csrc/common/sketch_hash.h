@@ -6,11 +6,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define KVR_HOST_DEVICE __host__ __device__
-#else
-#define KVR_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace kvreviver {
 
