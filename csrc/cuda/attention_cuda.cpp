@@ -7,7 +7,8 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
-#include "../op_checks.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
 #include "attention_kernels.cuh"
 
 namespace kvreviver {
@@ -46,7 +47,7 @@ void write_kv_cuda(torch::Tensor kv_cache, const torch::Tensor& key,
 }
 
 void launch_attention(torch::Tensor& out, const torch::Tensor& query,
-                      torch::Tensor& kv_cache, const torch::Tensor& block_table,
+                      const torch::Tensor& kv_cache, const torch::Tensor& block_table,
                       const torch::Tensor& seq_lens, const torch::Tensor& query_start_loc,
                       double scale, int64_t score_window, cuda::QuantizedStoreArgs store) {
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(),
@@ -71,7 +72,7 @@ void launch_attention(torch::Tensor& out, const torch::Tensor& query,
 }
 
 void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
-                          torch::Tensor kv_cache, const torch::Tensor& block_table,
+                          const torch::Tensor& kv_cache, const torch::Tensor& block_table,
                           const torch::Tensor& seq_lens,
                           const torch::Tensor& query_start_loc, double scale,
                           int64_t score_window) {
@@ -81,7 +82,7 @@ void paged_attention_cuda(torch::Tensor out, const torch::Tensor& query,
 }
 
 void paged_attention_quantized_cuda(
-    torch::Tensor out, const torch::Tensor& query, torch::Tensor kv_cache,
+    torch::Tensor out, const torch::Tensor& query, const torch::Tensor& kv_cache,
     const torch::Tensor& block_table, const torch::Tensor& exact_start,
     const torch::Tensor& seq_lens, const torch::Tensor& vague_tokens,
     const torch::Tensor& query_start_loc, double scale, int64_t score_window,
@@ -99,9 +100,10 @@ void paged_attention_quantized_cuda(
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CUDA, m) {
-  m.impl("paged_attention", &paged_attention_cuda);
-  m.impl("paged_attention_quantized", &paged_attention_quantized_cuda);
-  m.impl("write_kv", &write_kv_cuda);
+  m.impl("paged_attention", static_cast<op::paged_attention*>(&paged_attention_cuda));
+  m.impl("paged_attention_quantized",
+         static_cast<op::paged_attention_quantized*>(&paged_attention_quantized_cuda));
+  m.impl("write_kv", static_cast<op::write_kv*>(&write_kv_cuda));
 }
 
 }  // namespace kvreviver

@@ -9,6 +9,8 @@
 
 #include <cfloat>
 
+#include "../common/record_layout.h"
+
 namespace kvreviver::cuda {
 namespace {
 
@@ -136,10 +138,11 @@ __global__ void paged_attention_kernel(
     q[e] = to_float(qp[e]) * scale;
     acc[e] = 0.f;
   }
+  const RecordLayout layout{store.bits, store.group, store.value_bits};
   const int64_t num_groups = store.group ? kHeadSize / store.group : 0;
-  const int64_t key_code_bytes = static_cast<int64_t>(kHeadSize) * store.bits / 8;
-  const int64_t params = key_code_bytes + static_cast<int64_t>(kHeadSize) * store.value_bits / 8;
-  const int64_t record_bytes = params + 8 * num_groups + 8;
+  const int64_t key_code_bytes = layout.key_code_bytes(kHeadSize);
+  const int64_t params = layout.params_offset(kHeadSize);
+  const int64_t record_bytes = store.group ? layout.record_bytes(kHeadSize) : 8;  // 8: no store
   auto vague_logit = [&](int64_t j) {
     float logit = 0.f;
 #pragma unroll

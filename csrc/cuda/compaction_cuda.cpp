@@ -12,8 +12,9 @@
 
 #include <limits>
 
-#include "../op_checks.h"
-#include "../quantized_records.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
+#include "../common/quantized_records.h"
 #include "compaction_kernels.cuh"
 #include "vague_store_kernels.cuh"
 
@@ -55,12 +56,10 @@ void scatter(const cuda::SlotSpace& space, int64_t first, const torch::Tensor& s
 
 void compact_slots_cuda(torch::Tensor kv_cache, const torch::Tensor& block_row,
                         const torch::Tensor& kept_slots) {
-  check_slot_cache(kv_cache);
   const c10::cuda::CUDAGuard guard(kv_cache.device());
-  const auto row = request_block_row(block_row, kv_cache);
-  const auto kept = checked_kept(kept_slots, kv_cache.size(1), row.numel() * kv_cache.size(2),
-                                 "kept_slots", kv_cache.device());
-  const auto space = slot_space(kv_cache, row);
+  const CheckedCompaction args = check_compact_slots(kv_cache, block_row, kept_slots);
+  const torch::Tensor& kept = args.kept;
+  const auto space = slot_space(kv_cache, args.row);
   // Gathered first: a kept slot may be overwritten before it is read.
   scatter(space, 0, gather(space, kv_cache, &kept, 0, kept.size(1)), true);
 }
@@ -70,22 +69,19 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
                             const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
                             int64_t group, int64_t value_bits, int64_t pool_before,
                             int64_t pool_after) {
-  check_pool(pool_before, pool_after);
-  check_slot_cache(kv_cache);
   const c10::cuda::CUDAGuard guard(kv_cache.device());
-  const auto row = request_block_row(block_row, kv_cache);
-  const int64_t capacity = row.numel() * kv_cache.size(2);
+  const CheckedCompaction args =
+      check_compact_quantized(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
+                              keep_vague, bits, group, value_bits, pool_before, pool_after);
+  const torch::Tensor& kept = args.kept;
+  const int64_t new_slots = args.new_slots;
   const int64_t heads = kv_cache.size(1), num_exact = std::max<int64_t>(0, seq_len - exact_start);
-  const auto kept = checked_kept(kept_exact, heads, num_exact, "kept_exact", kv_cache.device());
   const int64_t num_kept = kept.size(1), num_demoted = num_exact - num_kept;
-  const int64_t new_slots = check_quantized_compaction(
-      kv_cache, capacity, exact_start, seq_len, num_vague, num_kept, keep_vague, bits, group,
-      value_bits);
   const int64_t sb = kv_cache.size(3) * kv_cache.element_size();
-  const int64_t d = (sb - kSlotMetaBytes) / (2 * kv_cache.element_size());
+  const int64_t d = slot_head_size(kv_cache);
   const RecordLayout layout{bits, group, value_bits};
   const int64_t rb = layout.record_bytes(d);
-  const auto space = slot_space(kv_cache, row);
+  const auto space = slot_space(kv_cache, args.row);
 
   const auto exact = gather(space, kv_cache, nullptr, exact_start, num_exact);  // [H, E, sb]
   const auto old = gather(space, kv_cache, nullptr, 0, (num_vague * rb + sb - 1) / sb)
@@ -144,8 +140,8 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CUDA, m) {
-  m.impl("compact_slots", &compact_slots_cuda);
-  m.impl("compact_quantized", &compact_quantized_cuda);
+  m.impl("compact_slots", static_cast<op::compact_slots*>(&compact_slots_cuda));
+  m.impl("compact_quantized", static_cast<op::compact_quantized*>(&compact_quantized_cuda));
 }
 
 }  // namespace kvreviver

@@ -7,8 +7,9 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
-#include "../op_checks.h"
-#include "../quantized_records.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
+#include "../common/quantized_records.h"
 #include "vague_store_kernels.cuh"
 
 namespace kvreviver {
@@ -128,11 +129,12 @@ torch::Tensor count_sketch_logits_cuda(const torch::Tensor& query,
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CUDA, m) {
-  m.impl("quantize_records", &quantize_records_cuda);
-  m.impl("dequantize_records", &dequantize_records_cuda);
-  m.impl("count_sketch_add", &count_sketch_add_cuda);
-  m.impl("count_sketch_estimate", &count_sketch_estimate_cuda);
-  m.impl("count_sketch_logits", &count_sketch_logits_cuda);
+  m.impl("quantize_records", static_cast<op::quantize_records*>(&quantize_records_cuda));
+  m.impl("dequantize_records", static_cast<op::dequantize_records*>(&dequantize_records_cuda));
+  m.impl("count_sketch_add", static_cast<op::count_sketch_add*>(&count_sketch_add_cuda));
+  m.impl("count_sketch_estimate",
+         static_cast<op::count_sketch_estimate*>(&count_sketch_estimate_cuda));
+  m.impl("count_sketch_logits", static_cast<op::count_sketch_logits*>(&count_sketch_logits_cuda));
 }
 
 }  // namespace kvreviver

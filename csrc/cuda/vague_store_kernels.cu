@@ -4,16 +4,13 @@
 
 #include <cuda_fp16.h>
 
+#include "../common/record_layout.h"
+#include "../common/sketch_hash.h"
+
 namespace kvreviver::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1
-
-// Keys at `bits`, values at `value_bits` (resolved: never 0 here).
-__device__ __forceinline__ int64_t record_bytes(int d, int bits, int value_bits, int group) {
-  return d * bits / 8 + d * value_bits / 8 + 8 * (d / group) + 8;
-}
 
 __device__ __forceinline__ void store_half(uint8_t* p, float x) {
   const __half h = __float2half_rn(x);
@@ -42,10 +39,11 @@ __global__ void quantize_records_kernel(const float* __restrict__ keys,
   const int which = static_cast<int>(item / groups % 2);  // 0: key, 1: value
   const int g = static_cast<int>(item % groups);
   const float* x = (which ? values : keys) + token * d + g * group;
-  const int64_t rb = record_bytes(d, key_bits, value_bits, group);
+  const RecordLayout layout{key_bits, group, value_bits};  // value_bits resolved: never 0 here
+  const int64_t rb = layout.record_bytes(d);
   uint8_t* rec = records + token * rb;
   const int bits = which ? value_bits : key_bits;
-  const int key_code_bytes = d * key_bits / 8, params_offset = key_code_bytes + d * value_bits / 8;
+  const int64_t key_code_bytes = layout.key_code_bytes(d), params_offset = layout.params_offset(d);
   float mn = x[0], mx = x[0];
   for (int i = 1; i < group; ++i) {
     mn = fminf(mn, x[i]);
@@ -87,10 +85,11 @@ __global__ void dequantize_records_kernel(const uint8_t* __restrict__ records,
   const int which = static_cast<int>(item / d % 2);
   const int c = static_cast<int>(item % d);
   const int bits = which ? value_bits : key_bits;
-  const int groups = d / group, key_code_bytes = d * key_bits / 8;
-  const uint8_t* rec = records + token * record_bytes(d, key_bits, value_bits, group);
-  const uint8_t* codes = rec + which * key_code_bytes;
-  const uint8_t* params = rec + key_code_bytes + d * value_bits / 8 + which * 4 * groups;
+  const RecordLayout layout{key_bits, group, value_bits};
+  const int groups = d / group;
+  const uint8_t* rec = records + token * layout.record_bytes(d);
+  const uint8_t* codes = rec + which * layout.key_code_bytes(d);
+  const uint8_t* params = rec + layout.params_offset(d) + which * 4 * groups;
   const int bit = c * bits;
   uint32_t word = codes[bit >> 3];
   if ((bit & 7) + bits > 8) word |= static_cast<uint32_t>(codes[(bit >> 3) + 1]) << 8;
@@ -100,13 +99,7 @@ __global__ void dequantize_records_kernel(const uint8_t* __restrict__ records,
       q * load_half(params + 2 * g) + load_half(params + 2 * (groups + g));
 }
 
-__device__ __forceinline__ int64_t sketch_bucket(const int64_t* c, int64_t p, int buckets) {
-  return (c[0] * p + c[1]) % kSketchPrime % buckets;
-}
-
-__device__ __forceinline__ float sketch_sign(const int64_t* c, int64_t p) {
-  return 1.f - 2.f * static_cast<float>((c[2] * p + c[3]) % kSketchPrime % 2);
-}
+// sketch_bucket, sketch_sign: ../common/sketch_hash.h, shared with the CPU kernels.
 
 // One thread per (token, row, channel), for keys and values.
 __global__ void count_sketch_add_kernel(float* __restrict__ bucket_keys,

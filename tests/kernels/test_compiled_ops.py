@@ -379,16 +379,16 @@ def test_compaction_ops_reject_bad_arguments():
         torch.ops.kvreviver.compact_slots(cache, torch.tensor([0, 9]), torch.tensor([[0], [0]]))
     kept = torch.tensor([[0, 1], [0, 1]])
     with pytest.raises(RuntimeError, match=r"keep_vague=9 is out of range \[0, 8\]"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 9, 4, 32)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 9, 4, 32, 0, 3, 3)
     with pytest.raises(RuntimeError, match=r"num_vague=50 records do not fit in the 2 store slots"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 50, kept, 0, 4, 32)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 50, kept, 0, 4, 32, 0, 3, 3)
     with pytest.raises(RuntimeError, match=r"bits=5 is not supported"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 5, 32)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 5, 32, 0, 3, 3)
     with pytest.raises(RuntimeError, match=r"pool_before=3, pool_after=257 are out of range: "
                                            r"expected integers in \[0, 256\]"):
         torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 4, 32, 0, 3, 257)
     with pytest.raises(RuntimeError, match=r"seq_len \(40\) <= the request's 32 slots"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 40, 0, kept, 0, 4, 32)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 40, 0, kept, 0, 4, 32, 0, 3, 3)
 
 
 def test_backend_compacts_through_the_compiled_ops(monkeypatch):

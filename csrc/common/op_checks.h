@@ -9,10 +9,9 @@
 #include <utility>
 
 #include "quantized_records.h"
+#include "sketch_hash.h"
 
 namespace kvreviver {
-
-constexpr int64_t kSketchPrime = 2147483647;  // 2**31 - 1: sketch hash modulus
 
 // Bit widths (keys; values, 0: the keys') and channel group of a quantized store.
 inline void check_store_layout(int64_t head_size, int64_t bits, int64_t group,
@@ -138,6 +137,12 @@ inline void check_slot_cache(const torch::Tensor& kv_cache, int64_t head_size) {
               head_size, " and 8 metadata bytes");
 }
 
+// Head size of a paged cache whose slots hold K | V | meta.
+inline int64_t slot_head_size(const torch::Tensor& kv_cache) {
+  return (kv_cache.size(3) * kv_cache.element_size() - kSlotMetaBytes) /
+         (2 * kv_cache.element_size());
+}
+
 // One request's block row as contiguous int64 on the cache's device.
 inline torch::Tensor request_block_row(const torch::Tensor& block_row,
                                        const torch::Tensor& kv_cache) {
@@ -178,7 +183,7 @@ inline int64_t check_quantized_compaction(const torch::Tensor& kv_cache, int64_t
                                           int64_t keep_vague, int64_t bits, int64_t group,
                                           int64_t value_bits) {
   const int64_t sb = kv_cache.size(3) * kv_cache.element_size();
-  const int64_t d = (sb - kSlotMetaBytes) / (2 * kv_cache.element_size());
+  const int64_t d = slot_head_size(kv_cache);
   check_store_layout(d, bits, group, value_bits);
   const int64_t rb = RecordLayout{bits, group, value_bits}.record_bytes(d);
   TORCH_CHECK(exact_start >= 0 && exact_start <= seq_len && seq_len <= capacity,
@@ -193,6 +198,45 @@ inline int64_t check_quantized_compaction(const torch::Tensor& kv_cache, int64_t
   TORCH_CHECK(new_slots + num_kept <= capacity, "the compacted layout (", new_slots,
               " store slots + ", num_kept, " exact) exceeds the request's ", capacity, " slots");
   return new_slots;
+}
+
+// A compaction's checked arguments: the request's block row and kept slot
+// indices, contiguous int64 on the cache's device, and its slot count.
+struct CheckedCompaction {
+  torch::Tensor row, kept;
+  int64_t capacity = 0;
+  int64_t new_slots = 0;  // compact_quantized: the store slots the kept records take
+};
+
+// compact_slots: kept_slots [kv_heads, keep] ascending within the request's slots.
+inline CheckedCompaction check_compact_slots(const torch::Tensor& kv_cache,
+                                             const torch::Tensor& block_row,
+                                             const torch::Tensor& kept_slots) {
+  check_slot_cache(kv_cache);
+  auto row = request_block_row(block_row, kv_cache);
+  const int64_t capacity = row.numel() * kv_cache.size(2);
+  auto kept = checked_kept(kept_slots, kv_cache.size(1), capacity, "kept_slots",
+                           kv_cache.device());
+  return {std::move(row), std::move(kept), capacity};
+}
+
+// compact_quantized: kept_exact [kv_heads, K] ascending within [0, seq_len -
+// exact_start), and a layout that fits (check_quantized_compaction).
+inline CheckedCompaction check_compact_quantized(
+    const torch::Tensor& kv_cache, const torch::Tensor& block_row, int64_t exact_start,
+    int64_t seq_len, int64_t num_vague, const torch::Tensor& kept_exact, int64_t keep_vague,
+    int64_t bits, int64_t group, int64_t value_bits, int64_t pool_before, int64_t pool_after) {
+  check_pool(pool_before, pool_after);
+  check_slot_cache(kv_cache);
+  auto row = request_block_row(block_row, kv_cache);
+  const int64_t capacity = row.numel() * kv_cache.size(2);
+  auto kept = checked_kept(kept_exact, kv_cache.size(1),
+                           std::max<int64_t>(0, seq_len - exact_start), "kept_exact",
+                           kv_cache.device());
+  const int64_t new_slots =
+      check_quantized_compaction(kv_cache, capacity, exact_start, seq_len, num_vague,
+                                 kept.size(1), keep_vague, bits, group, value_bits);
+  return {std::move(row), std::move(kept), capacity, new_slots};
 }
 
 }  // namespace kvreviver

@@ -1,9 +1,7 @@
-// Layout and (de)quantization of the quantized vague store's records, shared
-// by the CPU kernels (kvreviver_vllm/sketch.py: quantize_records):
-//   [K codes | V codes | K scale, K min, V scale, V min (fp16 per group) |
-//    position int32 | score float32],
-// key codes packed little-endian at `bits` bits, value codes at `value_bits`
-// (0: `bits`), asymmetric per group of channels.
+// (De)quantization of the quantized vague store's records for the CPU kernels
+// (kvreviver_vllm/sketch.py: quantize_records); their layout (record_layout.h)
+// is shared with the CUDA kernels. Codes are packed little-endian, quantized
+// asymmetrically per group of channels.
 #pragma once
 
 #include <c10/util/Half.h>
@@ -17,17 +15,9 @@
 #include <immintrin.h>
 #endif
 
+#include "record_layout.h"
+
 namespace kvreviver {
-
-struct RecordLayout {
-  int64_t bits = 0, group = 0, value_bits = 0;  // value_bits 0: the same as bits
-
-  int64_t key_bits() const { return bits; }
-  int64_t val_bits() const { return value_bits ? value_bits : bits; }
-  int64_t key_code_bytes(int64_t d) const { return d * key_bits() / 8; }
-  int64_t params_offset(int64_t d) const { return d * (key_bits() + val_bits()) / 8; }
-  int64_t record_bytes(int64_t d) const { return params_offset(d) + 8 * (d / group) + 8; }
-};
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;

@@ -9,8 +9,10 @@
 
 #include <vector>
 
-#include "op_checks.h"
-#include "quantized_records.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
+#include "../common/quantized_records.h"
+#include "../common/sketch_hash.h"
 
 namespace kvreviver {
 namespace {
@@ -21,16 +23,9 @@ struct SketchHash {
   int64_t buckets;
 
   int64_t bucket(int64_t r, int64_t p) const {
-    const int64_t* c = coefficients + 4 * r;
-    // The first modulus (a constant) leaves < 2**31, so the second, by a
-    // runtime value, can be a 32-bit division: a few times cheaper.
-    return static_cast<uint32_t>((c[0] * p + c[1]) % kSketchPrime) %
-           static_cast<uint32_t>(buckets);
+    return sketch_bucket(coefficients + 4 * r, p, buckets);
   }
-  float sign(int64_t r, int64_t p) const {
-    const int64_t* c = coefficients + 4 * r;
-    return 1.f - 2.f * static_cast<float>((c[2] * p + c[3]) % kSketchPrime % 2);
-  }
+  float sign(int64_t r, int64_t p) const { return sketch_sign(coefficients + 4 * r, p); }
 };
 
 }  // namespace
@@ -194,11 +189,12 @@ torch::Tensor count_sketch_logits_cpu(const torch::Tensor& query,
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CPU, m) {
-  m.impl("quantize_records", &quantize_records_cpu);
-  m.impl("dequantize_records", &dequantize_records_cpu);
-  m.impl("count_sketch_add", &count_sketch_add_cpu);
-  m.impl("count_sketch_estimate", &count_sketch_estimate_cpu);
-  m.impl("count_sketch_logits", &count_sketch_logits_cpu);
+  m.impl("quantize_records", static_cast<op::quantize_records*>(&quantize_records_cpu));
+  m.impl("dequantize_records", static_cast<op::dequantize_records*>(&dequantize_records_cpu));
+  m.impl("count_sketch_add", static_cast<op::count_sketch_add*>(&count_sketch_add_cpu));
+  m.impl("count_sketch_estimate",
+         static_cast<op::count_sketch_estimate*>(&count_sketch_estimate_cpu));
+  m.impl("count_sketch_logits", static_cast<op::count_sketch_logits*>(&count_sketch_logits_cpu));
 }
 
 }  // namespace kvreviver

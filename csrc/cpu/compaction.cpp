@@ -16,8 +16,9 @@
 #include <numeric>
 #include <vector>
 
-#include "op_checks.h"
-#include "quantized_records.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
+#include "../common/quantized_records.h"
 
 namespace kvreviver {
 namespace {
@@ -149,12 +150,9 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
 
 void compact_slots_cpu(torch::Tensor kv_cache, const torch::Tensor& block_row,
                        const torch::Tensor& kept_slots) {
-  check_slot_cache(kv_cache);
-  const auto row = request_block_row(block_row, kv_cache);
-  const int64_t capacity = row.numel() * kv_cache.size(2);
-  const auto kept = checked_kept(kept_slots, kv_cache.size(1), capacity, "kept_slots",
-                                 kv_cache.device());
-  const RequestSlots slots = request_slots(kv_cache, row);
+  const CheckedCompaction args = check_compact_slots(kv_cache, block_row, kept_slots);
+  const torch::Tensor& kept = args.kept;
+  const RequestSlots slots = request_slots(kv_cache, args.row);
   const int64_t keep = kept.size(1), sb = slots.slot_bytes;
   const int64_t* kp = kept.data_ptr<int64_t>();
   at::parallel_for(0, kv_cache.size(1), 1, [&](int64_t begin, int64_t end) {
@@ -175,18 +173,13 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
                            const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
                            int64_t group, int64_t value_bits, int64_t pool_before,
                            int64_t pool_after) {
-  check_pool(pool_before, pool_after);
-  check_slot_cache(kv_cache);
-  const auto row = request_block_row(block_row, kv_cache);
-  const int64_t capacity = row.numel() * kv_cache.size(2);
-  const auto kept = checked_kept(kept_exact, kv_cache.size(1),
-                                 std::max<int64_t>(0, seq_len - exact_start), "kept_exact",
-                                 kv_cache.device());
+  const CheckedCompaction args =
+      check_compact_quantized(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
+                              keep_vague, bits, group, value_bits, pool_before, pool_after);
+  const torch::Tensor& kept = args.kept;
   const int64_t num_kept = kept.size(1);
-  check_quantized_compaction(kv_cache, capacity, exact_start, seq_len, num_vague, num_kept,
-                             keep_vague, bits, group, value_bits);
   const RecordLayout layout{bits, group, value_bits};
-  const RequestSlots slots = request_slots(kv_cache, row);
+  const RequestSlots slots = request_slots(kv_cache, args.row);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::BFloat16, at::ScalarType::Half, kv_cache.scalar_type(),
       "kvreviver_compact_quantized", [&] {
@@ -197,8 +190,8 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CPU, m) {
-  m.impl("compact_slots", &compact_slots_cpu);
-  m.impl("compact_quantized", &compact_quantized_cpu);
+  m.impl("compact_slots", static_cast<op::compact_slots*>(&compact_slots_cpu));
+  m.impl("compact_quantized", static_cast<op::compact_quantized*>(&compact_quantized_cpu));
 }
 
 }  // namespace kvreviver

@@ -22,9 +22,10 @@
 #include <immintrin.h>
 #endif
 
-#include "op_checks.h"
-#include "quantized_records.h"
-#include "scratch.h"
+#include "../common/op_checks.h"
+#include "../common/ops.h"
+#include "../common/quantized_records.h"
+#include "../common/scratch.h"
 
 namespace kvreviver {
 namespace {
@@ -638,9 +639,10 @@ void write_kv_cpu(torch::Tensor kv_cache, const torch::Tensor& key,
 }
 
 TORCH_LIBRARY_IMPL(kvreviver, CPU, m) {
-  m.impl("paged_attention", &paged_attention_cpu);
-  m.impl("paged_attention_quantized", &paged_attention_quantized_cpu);
-  m.impl("write_kv", &write_kv_cpu);
+  m.impl("paged_attention", static_cast<op::paged_attention*>(&paged_attention_cpu));
+  m.impl("paged_attention_quantized",
+         static_cast<op::paged_attention_quantized*>(&paged_attention_quantized_cpu));
+  m.impl("write_kv", static_cast<op::write_kv*>(&write_kv_cpu));
 }
 
 }  // namespace kvreviver
