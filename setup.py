@@ -3,7 +3,7 @@
 The extension builds against the torch already installed (pip install
 --no-build-isolation), because it must match vLLM's torch ABI exactly. Without
 torch at build time the package installs without kernels and runs the PyTorch
-reference ops instead (``kvreviver_vllm/ops.py`` logs which).
+reference ops instead (``kvreviver_vllm/ops/__init__.py`` logs which).
 """
 
 import platform

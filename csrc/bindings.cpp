@@ -1,6 +1,6 @@
 // Schemas of every op in the `kvreviver` torch namespace. CPU and CUDA
 // implementations register against these in their own translation units.
-// Reference semantics: kvreviver_vllm/sketch.py.
+// Reference semantics: kvreviver_vllm/ops/reference.py.
 
 #include <Python.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
 // (De)quantization of the quantized vague store's records for the CPU kernels
-// (kvreviver_vllm/sketch.py: quantize_records); their layout (record_layout.h)
+// (kvreviver_vllm/ops/reference.py: quantize_records); their layout (record_layout.h)
 // is shared with the CUDA kernels. Codes are packed little-endian, quantized
 // asymmetrically per group of channels.
 #pragma once

@@ -1,6 +1,6 @@
 // The Count Sketch's hash, one formula for the CPU kernels and the CUDA ones.
 // No torch headers: nvcc compiles the .cu files on raw pointers without them.
-// Reference: kvreviver_vllm/sketch.py (positions and coefficients lie in
+// Reference: kvreviver_vllm/ops/reference.py (positions and coefficients lie in
 // [0, kSketchPrime), checked by op_checks.h).
 #pragma once
 

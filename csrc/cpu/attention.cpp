@@ -1,7 +1,7 @@
 // CPU kernels of KVReviver attention: KV write, paged attention over a
 // request's exact slots, and the same with its quantized vague store revived
 // into the softmax. Semantics are those of the PyTorch reference in
-// kvreviver_vllm/sketch.py (write_kv, paged_attention, paged_attention_revived).
+// kvreviver_vllm/ops/reference.py (write_kv, paged_attention, paged_attention_quantized).
 //
 // Paged cache of one layer: [num_blocks, num_kv_heads, block_size, W]; a token
 // slot holds its key in [0, D), its value in [D, 2D), then 8 metadata bytes:

@@ -1,6 +1,6 @@
 // CPU kernels of compaction: the moves that shrink one request's slots back to
-// its budget after a step. Semantics: kvreviver_vllm/sketch.py (compact,
-// compact_into_store with the quantized store's absorb).
+// its budget after a step. Semantics: kvreviver_vllm/ops/reference.py (compact_slots,
+// compact_quantized).
 //
 // A request's slots (paged cache [num_blocks, num_kv_heads, block_size, W]):
 //   [0, exact_start)          quantized vague-store records, back to back

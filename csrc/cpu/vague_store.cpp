@@ -1,6 +1,6 @@
 // CPU kernels of the vague stores: insert (quantize + pack; signed sketch add)
 // and reconstruction (dequantize; sketch estimate and bucket-space logits).
-// Semantics: kvreviver_vllm/sketch.py (quantize_records, dequantize_records,
+// Semantics: kvreviver_vllm/ops/reference.py (quantize_records, dequantize_records,
 // count_sketch_add, count_sketch_estimate, count_sketch_logits).
 
 #include <ATen/Parallel.h>

@@ -3,8 +3,8 @@
 // No torch headers here: the CPU torch wheel cannot compile c10/cuda, and the
 // CuPy check on the GPU machine loads these kernels without torch. The torch
 // binding (attention_cuda.cpp) passes pointers, sizes and the current stream.
-// Semantics: kvreviver_vllm/sketch.py (write_kv, paged_attention,
-// paged_attention_revived with the quantized store).
+// Semantics: kvreviver_vllm/ops/reference.py (write_kv, paged_attention,
+// paged_attention_quantized).
 #pragma once
 
 #include <cstdint>

@@ -2,8 +2,8 @@
 // validates arguments as the CPU ops do (op_checks.h); slots move through
 // compaction_kernels.cu, records are made by the quantize kernel of
 // vague_store_kernels.cu, and the ranking (position order, pooled scores,
-// stable top-k) runs as ATen ops on the GPU. Semantics: kvreviver_vllm/sketch.py
-// (compact, compact_into_store with the quantized store).
+// stable top-k) runs as ATen ops on the GPU. Semantics: kvreviver_vllm/ops/reference.py
+// (compact_slots, compact_quantized).
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1,8 +1,8 @@
 // CUDA kernels of compaction on raw pointers (no torch headers, as in
 // attention_kernels.cuh): whole-slot gathers and scatters of one request's
 // slots, per KV head. The ranking between them runs as ATen ops on the GPU
-// (compaction_cuda.cpp). Semantics: kvreviver_vllm/sketch.py (compact,
-// compact_into_store).
+// (compaction_cuda.cpp). Semantics: kvreviver_vllm/ops/reference.py (compact_slots,
+// compact_quantized).
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // CUDA kernels of the vague stores on raw pointers (no torch headers, as in
 // attention_kernels.cuh): quantized-record insert and reconstruction, and the
 // Count Sketch's signed add, estimate and bucket-space logit gather.
-// Semantics: kvreviver_vllm/sketch.py (quantize_records, dequantize_records,
+// Semantics: kvreviver_vllm/ops/reference.py (quantize_records, dequantize_records,
 // count_sketch_add, count_sketch_estimate, count_sketch_logits).
 #pragma once
 
