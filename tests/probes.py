@@ -138,6 +138,8 @@ def _quantized_store_holds(store, pages, keep, old_pages, num_old, src, position
     """Records = surviving old records + records of the demoted tokens ``src``."""
     import torch
 
+    from kvreviver_vllm.ops.reference import dequantize_groups, quantize_groups
+
     records = store.from_pages(pages, keep)
     keys, values, stored_pos, _ = store.decode(records)
     old_pos = store.decode(store.from_pages(old_pages, num_old))[2] if num_old else stored_pos[:0]
@@ -148,8 +150,9 @@ def _quantized_store_holds(store, pages, keep, old_pages, num_old, src, position
     if not survivors:
         return True
     rows = [where[p] for p in positions[survivors].tolist()]
-    want_k = store.dequantize(*store.quantize(src[survivors, :d]))
-    want_v = store.dequantize(*store.quantize(src[survivors, d : 2 * d]))
+    want_k = dequantize_groups(*quantize_groups(src[survivors, :d], store.bits, store.group))
+    want_v = dequantize_groups(*quantize_groups(src[survivors, d : 2 * d], store.value_bits,
+                                                store.group))
     return torch.allclose(keys[rows], want_k) and torch.allclose(values[rows], want_v)
 
 
