@@ -136,8 +136,8 @@ def _split_kernel(
             qk = tl.dot(q, tl.trans(k))
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))  # base-2 logits
         if SCORES:
-            tl.store(logits + (r * num_q_heads + heads[:, None]).to(tl.int64) * max_len + offs[None, :],
-                     qk, mask=gmask[:, None] & valid[None, :])
+            lrow = (r * num_q_heads + heads[:, None]).to(tl.int64) * max_len
+            tl.store(logits + lrow + offs[None, :], qk, mask=gmask[:, None] & valid[None, :])
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
@@ -185,7 +185,8 @@ def _merge_kernel(
         w = tl.where(ok, tl.exp2(mc - m_safe), 0.0)
         lc = tl.load(part_sum + base + idx, mask=ok, other=0.0)
         total += tl.sum(w * lc, 0)
-        ac = tl.load(part_acc + (base + idx)[:, None] * HEAD + d[None, :], mask=ok[:, None], other=0.0)
+        ac = tl.load(part_acc + (base + idx)[:, None] * HEAD + d[None, :], mask=ok[:, None],
+                     other=0.0)
         acc += tl.sum(w[:, None] * ac, 0)
     l_all = tl.sum(total, 0)
     l_safe = tl.where(l_all > 0, l_all, 1.0)
