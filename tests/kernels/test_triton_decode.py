@@ -91,3 +91,87 @@ def test_decode_bytes():
     # 9/3/64 bf16: K + V = 256 bytes, metadata 8.
     assert triton_decode.decode_bytes(2, 3, 100, 64, torch.bfloat16) == 2 * 3 * 100 * 264
     assert triton_decode.decode_bytes(1, 8, 10, 128, torch.float32) == 8 * 10 * (1024 + 8)
+
+
+# -- quantized vague store ------------------------------------------------------
+
+def build_quantized(vague, exact, num_kv_heads, head_size, block_size, dtype, bits, gen):
+    """A paged cache whose request ``r`` holds ``vague[r]`` records (random K/V,
+    scores) in its first slots and ``exact[r]`` exact slots after them."""
+    slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
+    store = reference.QuantizedRecords(head_size, bits, slot_bytes)
+    pages = [store.slots_for(n) for n in vague]
+    cache, table, _, _ = build_cache([p + e for p, e in zip(pages, exact)], num_kv_heads,
+                                     head_size, block_size, dtype, gen)
+    for r, n in enumerate(vague):
+        if n:
+            records = [store.encode(torch.randn(n, head_size, generator=gen),
+                                    torch.randn(n, head_size, generator=gen),
+                                    torch.arange(n), torch.rand(n, generator=gen))
+                       for _ in range(num_kv_heads)]
+            layout.write_store_pages(cache, table[r], torch.stack([store.to_pages(x) for x in records]))
+    return cache, table, store, torch.tensor(pages, dtype=torch.int32)
+
+
+def split_scores(cache, table, store, pages, vague, exact):
+    """(record scores, exact-slot scores) per request, and the cache's bytes with
+    both zeroed."""
+    cache = cache.clone()
+    found = []
+    for r, (p, nv, ne) in enumerate(zip(pages.tolist(), vague, exact)):
+        page_bytes = layout.store_pages(cache, table[r], p)
+        rec = [store.meta(store.from_pages(page_bytes[h], nv))[1] for h in range(cache.shape[1])]
+        rec_scores = torch.stack(rec) if nv else torch.zeros(cache.shape[1], 0)
+        exact_scores = layout.request_scores(cache, table[r], p + ne)[:, p:]
+        found.append((rec_scores.clone(), exact_scores.clone()))
+        if nv:
+            zeroed = [store.to_pages(store.with_scores(store.from_pages(page_bytes[h], nv),
+                                                       torch.zeros(nv)))
+                      for h in range(cache.shape[1])]
+            layout.write_store_pages(cache, table[r], torch.stack(zeroed))
+        layout.reset_scores(cache, table[r], p, p + ne)
+    return found, cache.view(torch.uint8)
+
+
+QUANT_CASES = [
+    # vague, exact, gqa, num_kv_heads, block_size, dtype, bits, score_window, split
+    ([40, 0, 100], [20, 33, 5], 3, 1, 16, torch.float32, 4, 1, 32),
+    ([40, 70], [20, 1], 3, 1, 16, torch.bfloat16, 4, 1, 32),
+    ([50], [30], 1, 2, 32, torch.float32, 3, 1, 16),
+    ([50], [30], 3, 1, 32, torch.bfloat16, 2, 0, 32),
+    ([33], [10], 4, 1, 16, torch.float32, 8, 1, 16),
+]
+
+
+@pytest.mark.parametrize(
+    "vague, exact, gqa, num_kv_heads, block_size, dtype, bits, score_window, split", QUANT_CASES
+)
+def test_decode_quantized_matches_reference(vague, exact, gqa, num_kv_heads, block_size, dtype,
+                                            bits, score_window, split):
+    head_size = 64
+    gen = torch.Generator().manual_seed(sum(vague) + bits)
+    cache, table, store, pages = build_quantized(vague, exact, num_kv_heads, head_size,
+                                                 block_size, dtype, bits, gen)
+    num_reqs = len(vague)
+    query = torch.randn(num_reqs, gqa * num_kv_heads, head_size, generator=gen).to(dtype)
+    seq_lens = pages + torch.tensor(exact, dtype=torch.int32)
+    nv = torch.tensor(vague, dtype=torch.int32)
+    qsl = torch.arange(num_reqs + 1, dtype=torch.int32)
+    scale = head_size**-0.5
+    want, got = torch.empty_like(query), torch.empty_like(query)
+    ref_cache, tri_cache = cache.clone(), cache.clone()
+    reference.paged_attention_quantized(want, query, ref_cache, table, pages, seq_lens, nv, qsl,
+                                        scale, score_window, bits, store.group)
+    triton_decode.paged_decode_attention_quantized(got, query, tri_cache, table, pages, seq_lens,
+                                                   nv, scale, score_window, bits, store.group,
+                                                   split_size=split, tile=16)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    want_scores, want_bytes = split_scores(ref_cache, table, store, pages, vague, exact)
+    got_scores, got_bytes = split_scores(tri_cache, table, store, pages, vague, exact)
+    for (wr, we), (gr, ge) in zip(want_scores, got_scores):
+        torch.testing.assert_close(gr, wr, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ge, we, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_bytes, want_bytes)  # all else byte for byte
+    if score_window == 0:
+        assert torch.equal(tri_cache.view(torch.uint8), cache.view(torch.uint8))
