@@ -80,6 +80,23 @@ def test_scores_accumulate_over_calls_with_default_split():
     run_case([90, 40], 3, 1, 64, 16, torch.float32, 1, None, calls=2, seed=7)
 
 
+def test_strided_query_and_out():
+    """Query and out as head-major views of wider buffers (as a fused QKV would give)."""
+    gen = torch.Generator().manual_seed(3)
+    cache, table, _, _ = build_cache([70, 20], 1, 64, 16, torch.float32, gen)
+    lens = torch.tensor([70, 20], dtype=torch.int32)
+    qkv = torch.randn(2, 5, 64, generator=gen)
+    query = qkv[:, :3]
+    want = torch.empty(2, 3, 64)
+    reference.paged_attention(want, query, cache.clone(), table, lens,
+                              torch.arange(3, dtype=torch.int32), 0.125, 0)
+    out_buf = torch.zeros(2, 4, 64)
+    triton_decode.paged_decode_attention(out_buf[:, 1:], query, cache, table, lens, 0.125, 0,
+                                         split_size=32, tile=16)
+    torch.testing.assert_close(out_buf[:, 1:], want, atol=2e-5, rtol=2e-5)
+    assert not out_buf[:, 0].any()
+
+
 def test_split_size_fills_the_gpu():
     assert triton_decode.choose_split_size(64, 8, 32768) == 512
     assert triton_decode.choose_split_size(1, 3, 2048) == 64
@@ -95,11 +112,12 @@ def test_decode_bytes():
 
 # -- quantized vague store ------------------------------------------------------
 
-def build_quantized(vague, exact, num_kv_heads, head_size, block_size, dtype, bits, gen):
+def build_quantized(vague, exact, num_kv_heads, head_size, block_size, dtype, bits, value_bits,
+                    gen):
     """A paged cache whose request ``r`` holds ``vague[r]`` records (random K/V,
     scores) in its first slots and ``exact[r]`` exact slots after them."""
     slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = reference.QuantizedRecords(head_size, bits, slot_bytes)
+    store = reference.QuantizedRecords(head_size, bits, slot_bytes, value_bits)
     pages = [store.slots_for(n) for n in vague]
     cache, table, _, _ = build_cache([p + e for p, e in zip(pages, exact)], num_kv_heads,
                                      head_size, block_size, dtype, gen)
@@ -109,7 +127,8 @@ def build_quantized(vague, exact, num_kv_heads, head_size, block_size, dtype, bi
                                     torch.randn(n, head_size, generator=gen),
                                     torch.arange(n), torch.rand(n, generator=gen))
                        for _ in range(num_kv_heads)]
-            layout.write_store_pages(cache, table[r], torch.stack([store.to_pages(x) for x in records]))
+            pages_r = torch.stack([store.to_pages(x) for x in records])
+            layout.write_store_pages(cache, table[r], pages_r)
     return cache, table, store, torch.tensor(pages, dtype=torch.int32)
 
 
@@ -134,24 +153,26 @@ def split_scores(cache, table, store, pages, vague, exact):
 
 
 QUANT_CASES = [
-    # vague, exact, gqa, num_kv_heads, block_size, dtype, bits, score_window, split
-    ([40, 0, 100], [20, 33, 5], 3, 1, 16, torch.float32, 4, 1, 32),
-    ([40, 70], [20, 1], 3, 1, 16, torch.bfloat16, 4, 1, 32),
-    ([50], [30], 1, 2, 32, torch.float32, 3, 1, 16),
-    ([50], [30], 3, 1, 32, torch.bfloat16, 2, 0, 32),
-    ([33], [10], 4, 1, 16, torch.float32, 8, 1, 16),
+    # vague, exact, gqa, num_kv_heads, block_size, dtype, bits, value_bits, score_window, split
+    ([40, 0, 100], [20, 33, 5], 3, 1, 16, torch.float32, 4, 4, 1, 32),
+    ([40, 70], [20, 1], 3, 1, 16, torch.bfloat16, 4, 4, 1, 32),
+    ([50], [30], 1, 2, 32, torch.float32, 3, 3, 1, 16),
+    ([50], [30], 3, 1, 32, torch.bfloat16, 2, 2, 0, 32),
+    ([33], [10], 4, 1, 16, torch.float32, 8, 8, 1, 16),
+    ([45], [12], 3, 1, 16, torch.float32, 4, 2, 1, 16),
 ]
 
 
 @pytest.mark.parametrize(
-    "vague, exact, gqa, num_kv_heads, block_size, dtype, bits, score_window, split", QUANT_CASES
+    "vague, exact, gqa, num_kv_heads, block_size, dtype, bits, value_bits, score_window, split",
+    QUANT_CASES,
 )
 def test_decode_quantized_matches_reference(vague, exact, gqa, num_kv_heads, block_size, dtype,
-                                            bits, score_window, split):
+                                            bits, value_bits, score_window, split):
     head_size = 64
     gen = torch.Generator().manual_seed(sum(vague) + bits)
     cache, table, store, pages = build_quantized(vague, exact, num_kv_heads, head_size,
-                                                 block_size, dtype, bits, gen)
+                                                 block_size, dtype, bits, value_bits, gen)
     num_reqs = len(vague)
     query = torch.randn(num_reqs, gqa * num_kv_heads, head_size, generator=gen).to(dtype)
     seq_lens = pages + torch.tensor(exact, dtype=torch.int32)
@@ -161,10 +182,10 @@ def test_decode_quantized_matches_reference(vague, exact, gqa, num_kv_heads, blo
     want, got = torch.empty_like(query), torch.empty_like(query)
     ref_cache, tri_cache = cache.clone(), cache.clone()
     reference.paged_attention_quantized(want, query, ref_cache, table, pages, seq_lens, nv, qsl,
-                                        scale, score_window, bits, store.group)
+                                        scale, score_window, bits, store.group, value_bits)
     triton_decode.paged_decode_attention_quantized(got, query, tri_cache, table, pages, seq_lens,
                                                    nv, scale, score_window, bits, store.group,
-                                                   split_size=split, tile=16)
+                                                   value_bits, split_size=split, tile=16)
     tol = TOL[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     want_scores, want_bytes = split_scores(ref_cache, table, store, pages, vague, exact)
