@@ -11,6 +11,9 @@ milliseconds, their ratio and the kernel's achieved bandwidth
 Needs torch (CUDA build) and triton; no vLLM, no compiled extension. Writes
 ``gpu_decode.json`` to ``--out``. ``--dry-run`` builds the smallest case on the
 CPU, runs the kernel once under Triton's interpreter, checks it and exits.
+``--compile-check`` compiles the kernels for sm_90 (exact bf16/fp32 and
+quantized, D 64 and 128) with Triton's bundled ptxas, no GPU needed: it catches
+errors in the GPU-only code paths (tensor-core dots) the interpreter never runs.
 """
 
 from __future__ import annotations
@@ -153,6 +156,47 @@ def describe(row: dict) -> str:
     return text
 
 
+def compile_check(arch: int = 90) -> None:
+    """Ahead-of-time compile of every kernel variant for ``sm_{arch}``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_one(fn, types: dict, consts: dict) -> None:
+        names = list(fn.arg_names)
+        signature = {n: "constexpr" if n in consts else types[n] for n in names}
+        src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+        print(f"  {fn.__name__}: ok, {kernel.metadata.shared} B shared memory")
+
+    for dt, quant in [("bf16", False), ("fp32", False), ("bf16", True)]:
+        itemsize = 4 if dt == "fp32" else 2
+        print(f"sm_{arch} {dt}{' quantized' if quant else ''}:")
+        for head_size, group in [(64, 3), (128, 4)]:
+            width = 2 * head_size + layout.META_BYTES // itemsize
+            compile_one(triton_decode._split_kernel, dict(
+                query=f"*{dt}", kv_cache=f"*{dt}", cache_u8="*u8", block_table="*i32",
+                lengths="*i32", exact_start="*i32", vague_tokens="*i32", part_max="*fp32",
+                part_sum="*fp32", part_acc="*fp32", logits="*fp32", qk_scale="fp32",
+                stride_qr="i32", stride_qh="i32", stride_bt="i32", num_splits="i32",
+                max_len="i32",
+            ), dict(
+                NUM_KV_HEADS=3, GROUP=group, GROUP_PAD=16, HEAD=head_size, BLOCK_SIZE=16,
+                WIDTH=width, SPLIT=256, TILE=64, SCORES=True, DOT_F32=dt == "fp32" or quant,
+                QUANT=quant, BITS=4, VALUE_BITS=4, CHANNELS=32,
+                RECORD=layout.record_bytes(head_size, 4, 32), SLOT_BYTES=width * itemsize,
+            ))
+        compile_one(triton_decode._merge_kernel, dict(
+            out=f"*{dt}", part_max="*fp32", part_sum="*fp32", part_acc="*fp32", stats="*fp32",
+            seq_lens="*i32", stride_or="i32", stride_oh="i32", num_splits="i32",
+        ), dict(NUM_Q_HEADS=9, HEAD=64, SPLIT=256, SPLITS_PAD=128, CHUNK=16, SCORES=True))
+        compile_one(triton_decode._score_kernel, dict(
+            scores_f32="*fp32", block_table="*i32", lengths="*i32", exact_start="*i32",
+            vague_tokens="*i32", logits="*fp32", stats="*fp32", stride_bt="i32", max_len="i32",
+        ), dict(NUM_KV_HEADS=3, GROUP=3, GROUP_PAD=4, BLOCK_SIZE=16, WIDTH32=66, TILE=128,
+                QUANT=quant, RECORD=88))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -162,7 +206,14 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true",
                         help="smallest case on the CPU under TRITON_INTERPRET, then exit")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="compile the kernels for sm_90 (no GPU needed), then exit")
     args = parser.parse_args()
+
+    if args.compile_check:
+        assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET"
+        compile_check()
+        return 0
 
     if args.dry_run:
         q, kv, d = HEADS[0]
