@@ -1,24 +1,25 @@
-"""The Triton flash-decoding kernel against the PyTorch reference, on the CPU
-under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton imports)."""
+"""The Triton flash-decoding kernel against the PyTorch reference: on a GPU, or
+on the CPU under Triton's interpreter. Triton reads ``TRITON_INTERPRET`` when it
+is first imported, so on the CPU this module runs in a process of its own that
+sets it from the start (``test_triton_interpreter.py``); the engine tests'
+vLLM processes never see it."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton", reason="triton is not installed: no Triton decode kernel to test")
-
-from kvreviver_vllm import layout  # noqa: E402
-from kvreviver_vllm.ops import reference  # noqa: E402
-from kvreviver_vllm.ops import triton_decode  # noqa: E402
-from test_reference_ops import build_cache  # noqa: E402
+import pytest
+import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is not 1 and there is no GPU", allow_module_level=True)
+    pytest.skip("no GPU: runs under the Triton interpreter in its own process "
+                "(test_triton_interpreter.py)", allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not installed: no Triton decode kernel to test")
+
+from test_reference_ops import build_cache  # noqa: E402
+
+from kvreviver_vllm import layout  # noqa: E402
+from kvreviver_vllm.ops import reference, triton_decode  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 5e-3}
 

@@ -1,0 +1,27 @@
+"""Runs the Triton kernel tests (``test_triton_decode.py``) on the CPU under
+Triton's interpreter, in a process of their own: ``TRITON_INTERPRET`` must be set
+before triton is first imported, and must not reach this process's vLLM engines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: no Triton decode kernel to test")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU they run in this process")
+def test_triton_kernels_under_the_interpreter():
+    module = Path(__file__).with_name("test_triton_decode.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=module.parents[2],
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
