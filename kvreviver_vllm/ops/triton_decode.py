@@ -155,6 +155,19 @@ def _revive(cache_u8, block_table, row_bt, kvh, rec, mask, CODES: tl.constexpr,
 
 
 @triton.jit
+def _request_span(r, lengths, exact_start, vague_tokens, QUANT: tl.constexpr):
+    """(tokens, revived records, first exact slot) of request ``r``."""
+    total = tl.load(lengths + r)
+    if QUANT:
+        num_vague = tl.load(vague_tokens + r)
+        first_exact = tl.load(exact_start + r)
+    else:
+        num_vague = 0
+        first_exact = 0
+    return total, num_vague, first_exact
+
+
+@triton.jit
 def _split_kernel(
     query, kv_cache, cache_u8, block_table, lengths, exact_start, vague_tokens,
     part_max, part_sum, part_acc, logits,
@@ -175,13 +188,7 @@ def _split_kernel(
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     num_q_heads = NUM_KV_HEADS * GROUP
-    total = tl.load(lengths + r)
-    if QUANT:
-        num_vague = tl.load(vague_tokens + r)
-        first_exact = tl.load(exact_start + r)
-    else:
-        num_vague = 0
-        first_exact = 0
+    total, num_vague, first_exact = _request_span(r, lengths, exact_start, vague_tokens, QUANT)
     start = s * SPLIT
     end = tl.minimum(start + SPLIT, total)
     row_bt = r * stride_bt
@@ -300,13 +307,7 @@ def _score_kernel(
     kvh = tl.program_id(1)
     t = tl.program_id(2)
     num_q_heads = NUM_KV_HEADS * GROUP
-    total = tl.load(lengths + r)
-    if QUANT:
-        num_vague = tl.load(vague_tokens + r)
-        first_exact = tl.load(exact_start + r)
-    else:
-        num_vague = 0
-        first_exact = 0
+    total, num_vague, first_exact = _request_span(r, lengths, exact_start, vague_tokens, QUANT)
     offs = t * TILE + tl.arange(0, TILE)
     valid = offs < total
     g = tl.arange(0, GROUP_PAD)
