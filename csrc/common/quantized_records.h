@@ -1,13 +1,12 @@
 // (De)quantization of the quantized vague store's records for the CPU kernels
 // (kvreviver_vllm/ops/reference.py: quantize_records); their layout (record_layout.h)
-// is shared with the CUDA kernels. Codes are packed little-endian, quantized
+// and the per-group quantization arithmetic (quantize_group.h) are shared with
+// the CUDA kernels. Codes are packed little-endian, quantized
 // asymmetrically per group of channels.
 #pragma once
 
 #include <c10/util/Half.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -15,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "quantize_group.h"
 #include "record_layout.h"
 
 namespace kvreviver {
@@ -23,11 +23,6 @@ inline float half_to_float(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-}
-
-inline void float_to_half(float x, uint8_t* p) {
-  const uint16_t h = c10::Half(x).x;
-  std::memcpy(p, &h, 2);
 }
 
 // Unpacks `d` codes of kBits bits (whole codes per byte) and dequantizes them
@@ -100,29 +95,17 @@ inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t
   }
 }
 
-// Quantizes x[0, d) per group exactly as the reference (fp16 min and scale,
-// codes round-half-even of (x - min) / max(scale, 1e-8)) and packs the codes
-// into `codes` (zeroed here), scales and mins into `scale` / `lo`.
+// Quantizes x[0, d) per group and packs the codes into `codes`, scales and
+// mins into `scale` / `lo`. The arithmetic is quantize_group
+// (quantize_group.h), the same function the CUDA kernel runs, so the tests of
+// these CPU kernels against the reference check the GPU's rounding too. group
+// * bits is whole bytes (check_store_layout), so each group's codes start on a
+// byte.
 inline void quantize(const float* x, int64_t d, int64_t bits, int64_t group, uint8_t* codes,
                      uint8_t* scale, uint8_t* lo) {
-  const float levels = static_cast<float>((1 << bits) - 1);
-  std::memset(codes, 0, d * bits / 8);
   for (int64_t g = 0; g < d / group; ++g) {
-    const float* xg = x + g * group;
-    const float mn = *std::min_element(xg, xg + group);
-    const float mx = *std::max_element(xg, xg + group);
-    const float lo_h = static_cast<float>(c10::Half(mn));
-    const float scale_h = static_cast<float>(c10::Half((mx - lo_h) / levels));
-    const float safe = std::max(scale_h, 1e-8f);
-    float_to_half(scale_h, scale + 2 * g);
-    float_to_half(lo_h, lo + 2 * g);
-    for (int64_t i = 0; i < group; ++i) {
-      const float q = std::min(std::max(std::nearbyint((xg[i] - lo_h) / safe), 0.f), levels);
-      const uint32_t code = static_cast<uint32_t>(q) << ((g * group + i) * bits & 7);
-      const int64_t byte = (g * group + i) * bits >> 3;
-      codes[byte] |= static_cast<uint8_t>(code);
-      if (code >> 8) codes[byte + 1] |= static_cast<uint8_t>(code >> 8);
-    }
+    quantize_group(x + g * group, group, static_cast<int>(bits), codes + g * group * bits / 8,
+                   scale + 2 * g, lo + 2 * g);
   }
 }
 

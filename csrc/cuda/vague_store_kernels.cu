@@ -4,6 +4,7 @@
 
 #include <cuda_fp16.h>
 
+#include "../common/quantize_group.h"
 #include "../common/record_layout.h"
 #include "../common/sketch_hash.h"
 
@@ -12,16 +13,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ void store_half(uint8_t* p, float x) {
-  const __half h = __float2half_rn(x);
-  const unsigned short bits = __half_as_ushort(h);
-  p[0] = static_cast<uint8_t>(bits & 0xff);
-  p[1] = static_cast<uint8_t>(bits >> 8);
-}
-
 __device__ __forceinline__ float load_half(const uint8_t* p) {
-  const unsigned short bits = static_cast<unsigned short>(p[0] | (p[1] << 8));
-  return __half2float(__ushort_as_half(bits));
+  return half_bits_to_float(static_cast<uint16_t>(p[0] | (p[1] << 8)));
 }
 
 // One thread per (token, K or V, group): its codes fill whole bytes, so no
@@ -43,28 +36,12 @@ __global__ void quantize_records_kernel(const float* __restrict__ keys,
   const int64_t rb = layout.record_bytes(d);
   uint8_t* rec = records + token * rb;
   const int bits = which ? value_bits : key_bits;
-  const int64_t key_code_bytes = layout.key_code_bytes(d), params_offset = layout.params_offset(d);
-  float mn = x[0], mx = x[0];
-  for (int i = 1; i < group; ++i) {
-    mn = fminf(mn, x[i]);
-    mx = fmaxf(mx, x[i]);
-  }
-  const float levels = static_cast<float>((1 << bits) - 1);
-  const float lo = __half2float(__float2half_rn(mn));
-  const float scale = __half2float(__float2half_rn(__fdiv_rn(mx - lo, levels)));
-  const float safe = fmaxf(scale, 1e-8f);
-  uint8_t* params = rec + params_offset + which * 4 * groups;
-  store_half(params + 2 * g, scale);
-  store_half(params + 2 * (groups + g), lo);
-  uint8_t* codes = rec + which * key_code_bytes + g * group * bits / 8;
-  for (int b = 0; b < group * bits / 8; ++b) codes[b] = 0;
-  for (int i = 0; i < group; ++i) {
-    const float q = fminf(fmaxf(rintf(__fdiv_rn(x[i] - lo, safe)), 0.f), levels);
-    const int bit = i * bits;
-    const uint32_t code = static_cast<uint32_t>(q) << (bit & 7);
-    codes[bit >> 3] |= static_cast<uint8_t>(code & 0xff);
-    if (code >> 8) codes[(bit >> 3) + 1] |= static_cast<uint8_t>(code >> 8);
-  }
+  // The arithmetic (and its rounding rule, reference.py quantize_groups) is
+  // quantize_group, the function the CPU kernels run and the CPU tests check
+  // byte for byte against the reference.
+  uint8_t* params = rec + layout.params_offset(d) + which * 4 * groups;
+  quantize_group(x, group, bits, rec + which * layout.key_code_bytes(d) + g * group * bits / 8,
+                 params + 2 * g, params + 2 * (groups + g));
   if (which == 0 && g == 0) {
     uint8_t* meta = rec + rb - 8;
     const int32_t pos = positions[token];

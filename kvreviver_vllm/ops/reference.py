@@ -211,11 +211,23 @@ def compact_into_store(kv_cache: torch.Tensor, block_row: torch.Tensor, exact_st
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [N, D]`` -> codes ``uint8 [N, D]``, scale and min ``float16 [N, D / group]``."""
+    """``x [N, D]`` -> codes ``uint8 [N, D]``, scale and min ``float16 [N, D / group]``.
+
+    Rounding rule (the one definition; the compiled kernels run it as
+    ``quantize_group`` in csrc/common/quantize_group.h, CPU and CUDA alike):
+    every step is one IEEE float32 operation rounded to nearest even -- the
+    min rounded to fp16 first, the scale's ``max - lo`` and ``/ levels`` from
+    that rounded min, then the scale rounded to fp16 -- and fp16 conversion and
+    ``round`` are to nearest even: no fused multiply-add, no multiplication by
+    a reciprocal, no fast-math. ``levels`` is a tensor, not a Python number:
+    torch on CUDA divides by a CPU scalar as a multiplication by its
+    reciprocal, which is not this rule.
+    """
     levels = 2**bits - 1
     g = x.float().view(x.shape[0], x.shape[1] // group, group)
     lo = g.amin(dim=2).half()
-    scale = ((g.amax(dim=2) - lo.float()) / levels).half()
+    span = g.amax(dim=2) - lo.float()
+    scale = (span / torch.full_like(span, levels)).half()
     safe = scale.float().clamp(min=1e-8)
     codes = ((g - lo.float()[..., None]) / safe[..., None]).round().clamp(0, levels)
     return codes.to(torch.uint8).view(x.shape), scale, lo

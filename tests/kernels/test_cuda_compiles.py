@@ -3,6 +3,7 @@ CUDA breakage on CPU-only machines."""
 
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 import subprocess
@@ -111,4 +112,76 @@ def test_csrc_layout():
     assert [n for n in names if n.startswith("cpu/")] == [
         "cpu/attention.cpp", "cpu/compaction.cpp", "cpu/vague_store.cpp"]
     assert {"common/ops.h", "common/op_checks.h", "common/quantized_records.h",
-            "common/record_layout.h", "common/scratch.h", "common/sketch_hash.h"} <= {n for n in names if n.startswith("common/")}
+            "common/record_layout.h", "common/scratch.h", "common/sketch_hash.h",
+            "common/quantize_group.h"} <= {n for n in names if n.startswith("common/")}
+
+
+# -- quantize_group.h: the per-group arithmetic CPU and CUDA share ------------------
+
+QUANTIZE_GROUP_H = CSRC / "common" / "quantize_group.h"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("flags", [[], ["--use_fast_math", "-fmad=true"]], ids=["build", "fast-math"])
+def test_quantize_kernel_rounds_every_step_to_nearest(flags, tmp_path):
+    # reference.py quantize_groups' rule on the device: every float op of the
+    # quantize kernel is a correctly rounded one (div.rn, sub.rn, cvt.rn): no
+    # fma contraction, no approximate division, whatever the nvcc flags (fast
+    # math may only flush subnormals: .ftz).
+    ptx = tmp_path / "vague_store.ptx"
+    res = subprocess.run(
+        ["nvcc", "-ptx", str(CUDA_DIR / "vague_store_kernels.cu"), "-arch=sm_90", "-std=c++20",
+         "-O3", *flags, "-o", str(ptx)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    body = re.search(r"\.entry \S*23quantize_records_kernel.*?\n}", ptx.read_text(), re.S).group(0)
+    ops = set(re.findall(r"\b((?:div|sub|add|mul|fma|rcp|sqrt)\.[a-z0-9.]*f32)\b", body))
+    assert {op.replace(".ftz", "") for op in ops} == {"div.rn.f32", "sub.rn.f32"}, ops
+    assert "cvt.rn.f16.f32" in body and "cvt.rni.f32.f32" in body
+
+
+def test_quantize_group_header_is_torch_free(tmp_path):
+    # The CUDA kernels include it without torch headers.
+    source = tmp_path / "probe.cpp"
+    source.write_text(f'#include "{QUANTIZE_GROUP_H}"\nint main() {{ return 0; }}\n')
+    res = subprocess.run(["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
+                          str(source)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+FP16_CHECK = r"""
+#include <immintrin.h>
+#include <cstdio>
+#include "QUANTIZE_GROUP_H"
+int main() {
+  unsigned long long bad = 0;
+  for (unsigned long long u = 0; u <= 0xffffffffull; ++u) {
+    const uint32_t w = static_cast<uint32_t>(u);
+    if ((w & 0x7fffffffu) > 0x7f800000u) continue;  // NaN payloads: not specified
+    float f;
+    std::memcpy(&f, &w, 4);
+    if (kvreviver::float_to_half_bits(f) != _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)) ++bad;
+  }
+  for (uint32_t h = 0; h < 65536; ++h) {
+    if ((h & 0x7fffu) > 0x7c00u) continue;
+    const float a = kvreviver::half_bits_to_float(static_cast<uint16_t>(h)), b = _cvtsh_ss(h);
+    if (std::memcmp(&a, &b, 4)) ++bad;
+  }
+  std::printf("%llu\n", bad);
+  return bad != 0;
+}
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="F16C is x86's")
+def test_host_fp16_conversion_is_round_to_nearest_even(tmp_path):
+    # The host half of float_to_half_bits (integer code) against the F16C
+    # instruction (round to nearest even, what __float2half_rn does on the
+    # device), for every non-NaN float; half_bits_to_float for every half.
+    source = tmp_path / "fp16_check.cpp"
+    source.write_text(FP16_CHECK.replace("QUANTIZE_GROUP_H", str(QUANTIZE_GROUP_H)))
+    exe = tmp_path / "fp16_check"
+    res = subprocess.run(["g++", "-std=c++17", "-O2", "-mf16c", str(source), "-o", str(exe)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{res.stdout.strip()} mismatches"
