@@ -2,10 +2,10 @@
 
 #include "compaction_kernels.cuh"
 
+#include "launch.cuh"
+
 namespace kvreviver::cuda {
 namespace {
-
-constexpr int kThreads = 256;
 
 __device__ __forceinline__ uint32_t* slot_word(const SlotSpace& s, int h, int64_t slot, int w) {
   const int64_t block = s.blocks[slot / s.block_size];
@@ -35,25 +35,18 @@ __global__ void scatter_slots_kernel(SlotSpace space, int64_t first, int64_t n,
   *slot_word(space, h, first + i, w) = reset_scores && w == space.slot_words - 1 ? 0u : src[item];
 }
 
-unsigned grid_for(int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
-
 }  // namespace
 
 cudaError_t launch_gather_slots(SlotSpace space, const int64_t* indices, int64_t first,
                                 int64_t n, uint32_t* out, cudaStream_t stream) {
-  const int64_t items = space.num_kv_heads * n * space.slot_words;
-  if (items == 0) return cudaSuccess;
-  gather_slots_kernel<<<grid_for(items), kThreads, 0, stream>>>(space, indices, first, n, out);
-  return cudaGetLastError();
+  return launch_per_item(gather_slots_kernel, space.num_kv_heads * n * space.slot_words, stream,
+                         space, indices, first, n, out);
 }
 
 cudaError_t launch_scatter_slots(SlotSpace space, int64_t first, int64_t n, const uint32_t* src,
                                  bool reset_scores, cudaStream_t stream) {
-  const int64_t items = space.num_kv_heads * n * space.slot_words;
-  if (items == 0) return cudaSuccess;
-  scatter_slots_kernel<<<grid_for(items), kThreads, 0, stream>>>(space, first, n, src,
-                                                                 reset_scores);
-  return cudaGetLastError();
+  return launch_per_item(scatter_slots_kernel, space.num_kv_heads * n * space.slot_words, stream,
+                         space, first, n, src, reset_scores);
 }
 
 }  // namespace kvreviver::cuda

@@ -7,11 +7,10 @@
 #include "../common/quantize_group.h"
 #include "../common/record_layout.h"
 #include "../common/sketch_hash.h"
+#include "launch.cuh"
 
 namespace kvreviver::cuda {
 namespace {
-
-constexpr int kThreads = 256;
 
 __device__ __forceinline__ float load_half(const uint8_t* p) {
   return half_bits_to_float(static_cast<uint16_t>(p[0] | (p[1] << 8)));
@@ -138,60 +137,43 @@ __global__ void count_sketch_gather_kernel(const float* __restrict__ per_bucket,
   out[item] = acc / static_cast<float>(rows);
 }
 
-unsigned grid_for(int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
-
 }  // namespace
 
 cudaError_t launch_quantize_records(const float* keys, const float* values,
                                     const int32_t* positions, const float* scores,
                                     uint8_t* records, int64_t n, int d, int bits, int value_bits,
                                     int group, cudaStream_t stream) {
-  const int64_t items = n * 2 * (d / group);
-  if (items == 0) return cudaSuccess;
-  quantize_records_kernel<<<grid_for(items), kThreads, 0, stream>>>(
-      keys, values, positions, scores, records, n, d, bits, value_bits, group);
-  return cudaGetLastError();
+  return launch_per_item(quantize_records_kernel, n * 2 * (d / group), stream, keys, values,
+                         positions, scores, records, n, d, bits, value_bits, group);
 }
 
 cudaError_t launch_dequantize_records(const uint8_t* records, float* keys, float* values,
                                       int64_t n, int d, int bits, int value_bits, int group,
                                       cudaStream_t stream) {
-  const int64_t items = n * 2 * d;
-  if (items == 0) return cudaSuccess;
-  dequantize_records_kernel<<<grid_for(items), kThreads, 0, stream>>>(records, keys, values, n,
-                                                                       d, bits, value_bits, group);
-  return cudaGetLastError();
+  return launch_per_item(dequantize_records_kernel, n * 2 * d, stream, records, keys, values, n, d,
+                         bits, value_bits, group);
 }
 
 cudaError_t launch_count_sketch_add(float* bucket_keys, float* bucket_values, const float* keys,
                                     const float* values, const int64_t* positions,
                                     const int64_t* coefficients, int64_t n, int rows,
                                     int buckets, int d, cudaStream_t stream) {
-  const int64_t items = n * rows * d;
-  if (items == 0) return cudaSuccess;
-  count_sketch_add_kernel<<<grid_for(items), kThreads, 0, stream>>>(
-      bucket_keys, bucket_values, keys, values, positions, coefficients, n, rows, buckets, d);
-  return cudaGetLastError();
+  return launch_per_item(count_sketch_add_kernel, n * rows * d, stream, bucket_keys, bucket_values,
+                         keys, values, positions, coefficients, n, rows, buckets, d);
 }
 
 cudaError_t launch_count_sketch_estimate(const float* sums, const int64_t* positions,
                                          const int64_t* coefficients, float* out, int64_t n,
                                          int rows, int buckets, int d, cudaStream_t stream) {
-  const int64_t items = n * d;
-  if (items == 0) return cudaSuccess;
-  count_sketch_estimate_kernel<<<grid_for(items), kThreads, 0, stream>>>(
-      sums, positions, coefficients, out, n, rows, buckets, d);
-  return cudaGetLastError();
+  return launch_per_item(count_sketch_estimate_kernel, n * d, stream, sums, positions,
+                         coefficients, out, n, rows, buckets, d);
 }
 
 cudaError_t launch_count_sketch_gather(const float* per_bucket, const int64_t* positions,
                                        const int64_t* coefficients, float* out, int64_t q,
                                        int64_t n, int rows, int buckets, cudaStream_t stream) {
-  const int64_t items = q * n;
-  if (items == 0) return cudaSuccess;
-  count_sketch_gather_kernel<<<grid_for(items), kThreads, 0, stream>>>(
-      per_bucket, positions, coefficients, out, q, n, rows, buckets);
-  return cudaGetLastError();
+  return launch_per_item(count_sketch_gather_kernel, q * n, stream, per_bucket, positions,
+                         coefficients, out, q, n, rows, buckets);
 }
 
 }  // namespace kvreviver::cuda
