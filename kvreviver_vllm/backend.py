@@ -48,7 +48,7 @@ from kvreviver_vllm.schedule import (
     plan_request,
     skip_gaps,
 )
-from kvreviver_vllm.stores import VagueStore, make_store
+from kvreviver_vllm.stores import QuantizedStore, VagueStore, make_store
 
 # Under the "vllm" logger so messages show in vLLM's own log output.
 logger = init_logger(f"vllm.{__name__}")
@@ -260,10 +260,11 @@ class KVReviverAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.config = KVReviverConfig.from_vllm_config(get_current_vllm_config())
         KVReviverBackend.engine_config = self.config
-        # Set on the first forward, from the cache's slot size and the layer's name.
+        # Set on the first forward, from the cache's slot size, device and the layer's name.
         self.bound = False
         self.store: VagueStore | None = None
         self.layer_seed = 0
+        self.triton = None  # ops.triton_decode where decode-only steps run Triton
         logger.info_once(
             "KVReviver attention impl in use (%s, %d query / %d KV heads, head size %d)",
             type(self).__qualname__, num_heads, num_kv_heads, head_size,
@@ -296,7 +297,10 @@ class KVReviverAttentionImpl(AttentionImpl):
             self._bind(layer, kv_cache)
         for row, start, end in md.rescored:
             layout.reset_scores(kv_cache, md.block_table[row], start, end)
-        if md.vague_tokens.any():
+        if self.triton is not None and all(md.decoding) and self._decode_with_triton(
+                output[:num_tokens], query[:num_tokens], kv_cache, md):
+            pass
+        elif md.vague_tokens.any():
             self.store.attend(
                 output[:num_tokens], query[:num_tokens], kv_cache, md.block_table,
                 md.exact_start, md.seq_lens, md.vague_tokens, md.query_start_loc,
@@ -318,11 +322,40 @@ class KVReviverAttentionImpl(AttentionImpl):
         return output
 
     def _bind(self, layer: AttentionLayer, kv_cache: torch.Tensor) -> None:
-        """Build the variant's store for this cache; seed its hashes by layer name."""
+        """Build the variant's store for this cache, seed its hashes by layer
+        name, and pick the decode kernel for the cache's device."""
         slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
         self.store = make_store(self.config, self.head_size, slot_bytes, kv_cache.dtype)
         self.layer_seed = zlib.crc32(layer.layer_name.encode())
+        if self.config.uses_triton_decode(kv_cache.device.type):
+            from kvreviver_vllm.ops import triton_decode  # needs triton: imported only here
+
+            self.triton = triton_decode
+            logger.info_once("KVReviver decode steps run the Triton flash-decoding kernels")
         self.bound = True
+
+    def _decode_with_triton(self, out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+                            md: KVReviverMetadata) -> bool:
+        """A decode-only step (one query row per request) through the Triton
+        kernels; False where they do not apply (a store other than the quantized
+        one holds tokens), and the caller runs the other path."""
+        device = kv_cache.device
+        seq_lens = md.seq_lens.to(device, non_blocking=True)
+        max_len = int(md.seq_lens.max())  # host metadata: no device sync
+        if not md.vague_tokens.any():
+            self.triton.paged_decode_attention(out, query, kv_cache, md.block_table, seq_lens,
+                                               self.scale, md.score_window, max_seq_len=max_len)
+            return True
+        store = self.store
+        if not isinstance(store, QuantizedStore):
+            return False
+        self.triton.paged_decode_attention_quantized(
+            out, query, kv_cache, md.block_table, md.exact_start.to(device, non_blocking=True),
+            seq_lens, md.vague_tokens.to(device, non_blocking=True), self.scale, md.score_window,
+            store.bits, store.group, store.value_bits,
+            max_tokens=int((md.seq_lens - md.exact_start + md.vague_tokens).max()),
+        )
+        return True
 
     def select_kept(self, scores: torch.Tensor, keep_exact: int) -> torch.Tensor:
         """Exact slots ``[Hkv, keep_exact]`` to keep, out of the scored exact range."""

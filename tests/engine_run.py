@@ -10,7 +10,7 @@ import gc
 import os
 from dataclasses import dataclass
 
-from probes import attention_impls, count_forward_calls
+from probes import attention_impls, count_forward_calls, triton_decode_steps
 
 STOCK = None
 KVREVIVER = "kvreviver"
@@ -24,6 +24,8 @@ class EngineRun:
     """Per prompt, per generated token: the top-2 token ids and their logprobs."""
     impls: list[tuple[str, str, int | None]]
     """(layer, impl class, forward calls) of the worker's attention layers."""
+    triton_steps: int
+    """Decode steps, summed over layers, that ran the Triton decode kernels."""
 
 
 def run_engine(
@@ -59,6 +61,7 @@ def run_engine(
         llm.collective_rpc(count_forward_calls)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
         impls = llm.collective_rpc(attention_impls)[0]
+        triton_steps = llm.collective_rpc(triton_decode_steps)[0]
         return EngineRun(
             token_ids=[list(o.outputs[0].token_ids) for o in outs],
             texts=[o.outputs[0].text for o in outs],
@@ -67,6 +70,7 @@ def run_engine(
                 for o in outs
             ],
             impls=impls,
+            triton_steps=triton_steps,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()

@@ -405,8 +405,9 @@ def _launch(out, query, kv_cache, block_table, lengths, exact_start, vague_token
     max_len = max(int(max_len), 1)
     if split_size is None:
         if num_sms is None:
+            # On the CPU Triton's interpreter runs one program at a time: fewest splits.
             num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count
-                       if query.is_cuda else 132)
+                       if query.is_cuda else 1)
         split_size = choose_split_size(num_reqs, num_kv_heads, max_len, num_sms)
     assert split_size >= 16 and split_size & (split_size - 1) == 0, "split size: power of two >= 16"
     tile = tile or min(DEFAULT_TILE, split_size)
