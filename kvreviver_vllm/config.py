@@ -91,11 +91,7 @@ class KVReviverConfig:
         _check_budget(self.budget)
         if self.budget > 1:  # an absolute token count, whatever its JSON spelling
             object.__setattr__(self, "budget", int(self.budget))
-        if self.variant not in VARIANTS:
-            raise KVReviverConfigError(
-                f"kvreviver.variant={self.variant!r} is not supported: "
-                f"allowed values are {', '.join(VARIANTS)}"
-            )
+        _check_choice("variant", self.variant, VARIANTS)
         _check_int("sink", self.sink, 0, 1024)
         _check_int("recent", self.recent, 1, 8192)
         _check_int("score_window", self.score_window, 1, 8192)
@@ -134,11 +130,7 @@ class KVReviverConfig:
                 f"at one width per record (set value_bits to 0)"
             )
         _check_fraction("high_share", self.high_share)
-        if self.decode_kernel not in DECODE_KERNELS:
-            raise KVReviverConfigError(
-                f"kvreviver.decode_kernel={self.decode_kernel!r} is not supported: "
-                f"allowed values are {', '.join(DECODE_KERNELS)}"
-            )
+        _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS)
         _check_int("sketch_rows", self.sketch_rows, 1, 16)
         _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
 
@@ -213,6 +205,13 @@ def budget_tokens(budget: float, num_tokens: int, floor_tokens: int) -> int:
     ``floor_tokens`` and never above ``num_tokens``."""
     kept = int(budget) if budget > 1 else math.ceil(budget * num_tokens)
     return min(num_tokens, max(kept, floor_tokens))
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise KVReviverConfigError(
+            f"kvreviver.{key}={value!r} is not supported: allowed values are {', '.join(allowed)}"
+        )
 
 
 def _check_int(key: str, value: Any, lo: int, hi: int) -> None:
