@@ -23,7 +23,7 @@ def attention_layers(worker) -> list:
 
 
 def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                    scale: float) -> torch.Tensor:
     """Softmax attention ``[Hkv, group, D]`` of queries ``q [Hkv, group, D]`` over
     ``keys/values [Hkv, n, D]``, in their dtype."""
     import torch
