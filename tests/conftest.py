@@ -24,3 +24,13 @@ def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `install` (a fresh venv, minutes) run only when `-m` names them."""
+    if "install" in (config.option.markexpr or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("install")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("install")]
