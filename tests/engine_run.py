@@ -10,7 +10,8 @@ import gc
 import os
 from dataclasses import dataclass
 
-from probes import attention_impls, count_forward_calls, triton_decode_steps
+from probes import (attention_impls, compaction_decisions, count_forward_calls,
+                    record_compactions, triton_decode_steps)
 
 STOCK = None
 KVREVIVER = "kvreviver"
@@ -26,6 +27,9 @@ class EngineRun:
     """(layer, impl class, forward calls) of the worker's attention layers."""
     triton_steps: int
     """Decode steps, summed over layers, that ran the Triton decode kernels."""
+    decisions: dict[str, list[tuple[int, list[list[int]]]]]
+    """Per layer, every compaction's (scored slots, kept slots per KV head), with the
+    KV heads of all tensor-parallel ranks in rank order."""
 
 
 def run_engine(
@@ -59,9 +63,15 @@ def run_engine(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2
         )
         llm.collective_rpc(count_forward_calls)
+        llm.collective_rpc(record_compactions)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-        impls = llm.collective_rpc(attention_impls)[0]
-        triton_steps = llm.collective_rpc(triton_decode_steps)[0]
+        # Pipeline stages hold different layers, tensor-parallel ranks the same
+        # layers with different KV heads.
+        impls = list({name: (name, cls, calls) for worker in llm.collective_rpc(attention_impls)
+                      for name, cls, calls in worker}.values())
+        tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+        triton_steps = sum(llm.collective_rpc(triton_decode_steps)) // tp
+        decisions = merge_ranks(llm.collective_rpc(compaction_decisions))
         return EngineRun(
             token_ids=[list(o.outputs[0].token_ids) for o in outs],
             texts=[o.outputs[0].text for o in outs],
@@ -71,8 +81,25 @@ def run_engine(
             ],
             impls=impls,
             triton_steps=triton_steps,
+            decisions=decisions,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def merge_ranks(per_worker: list[dict[str, list]]) -> dict[str, list]:
+    """One layer -> decisions map from every worker's: tensor-parallel ranks'
+    decisions for a layer are joined head-wise, in rank order."""
+    merged: dict[str, list] = {}
+    for worker in per_worker:
+        for layer, decisions in worker.items():
+            if layer not in merged:
+                merged[layer] = [(n, [list(h) for h in kept]) for n, kept in decisions]
+                continue
+            assert len(merged[layer]) == len(decisions), f"{layer}: ranks compacted differently"
+            for (n, heads), (m, kept) in zip(merged[layer], decisions):
+                assert n == m, f"{layer}: ranks scored {n} and {m} slots"
+                heads.extend(kept)
+    return merged

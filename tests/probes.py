@@ -215,3 +215,29 @@ def builder_cuts(worker) -> dict[int, tuple[int, int]]:
     return cuts
 
 
+
+
+def record_compactions(worker) -> int:
+    """Record every compaction's decision from now on: per layer, the request's
+    length and the exact slots each KV head kept (read them with
+    :func:`compaction_decisions`). Returns the number of layers wrapped."""
+    layers = attention_layers(worker)
+    for module in layers:
+        impl = module.impl
+        impl.decisions = []
+        select = impl.select_kept
+
+        def recorded(scores, keep_exact, _impl=impl, _select=select):
+            kept = _select(scores, keep_exact)
+            _impl.decisions.append((scores.shape[-1], kept.tolist()))
+            return kept
+
+        impl.select_kept = recorded
+    return len(layers)
+
+
+def compaction_decisions(worker) -> dict[str, list[tuple[int, list[list[int]]]]]:
+    """``layer name -> [(scored slots, kept slots per KV head), ...]`` in compaction
+    order, as recorded since :func:`record_compactions`."""
+    return {module.layer_name: getattr(module.impl, "decisions", [])
+            for module in attention_layers(worker)}

@@ -1,0 +1,22 @@
+"""The widened model (tests/widened_model.py) computes the default model's function,
+so the parallel engine tests run real attention patterns."""
+
+from __future__ import annotations
+
+import torch
+
+from widened_model import widen_kv_heads
+
+
+def test_widened_model_gives_the_default_models_logits(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    wide_dir = widen_kv_heads(model_dir, tmp_path / "wide")
+    default = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    wide = AutoModelForCausalLM.from_pretrained(wide_dir, dtype=torch.float32)
+    assert (wide.config.num_attention_heads, wide.config.num_key_value_heads) == (18, 6)
+    ids = torch.randint(100, 40000, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = default(ids).logits, wide(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
