@@ -98,7 +98,7 @@ def _wrap_with_checks(impl) -> None:
         try:
             compact(kv_cache, md, row, keep_exact, keep_vague)
         finally:
-            del impl.select_kept
+            impl.select_kept = select  # keeps record_compactions' wrapper
         kept = selected[0]
         first = store.slots_for(keep_vague) if store else 0
         exact_now = layout.slot_range(kv_cache, block_row, first, first + keep_exact)
@@ -215,13 +215,12 @@ def builder_cuts(worker) -> dict[int, tuple[int, int]]:
     return cuts
 
 
-
-
 def record_compactions(worker) -> int:
     """Record every compaction's decision from now on: per layer, the request's
     length and the exact slots each KV head kept (read them with
-    :func:`compaction_decisions`). Returns the number of layers wrapped."""
-    layers = attention_layers(worker)
+    :func:`compaction_decisions`). Returns the number of layers wrapped: none
+    under the stock backend, which never compacts."""
+    layers = [m for m in attention_layers(worker) if hasattr(m.impl, "select_kept")]
     for module in layers:
         impl = module.impl
         impl.decisions = []
@@ -241,3 +240,20 @@ def compaction_decisions(worker) -> dict[str, list[tuple[int, list[list[int]]]]]
     order, as recorded since :func:`record_compactions`."""
     return {module.layer_name: getattr(module.impl, "decisions", [])
             for module in attention_layers(worker)}
+
+
+def raise_in_attention(worker, after_calls: int) -> int:
+    """Make the first attention layer's forward raise ``RuntimeError("injected
+    kernel fault")`` from its ``after_calls``-th call on, as a failing kernel would.
+    Returns the number of layers changed."""
+    impl = attention_layers(worker)[0].impl
+    forward, calls = impl.forward, [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= after_calls:
+            raise RuntimeError("injected kernel fault")
+        return forward(*args, **kwargs)
+
+    impl.forward = failing
+    return 1
