@@ -49,6 +49,7 @@ from kvreviver_vllm.schedule import (
     skip_gaps,
 )
 from kvreviver_vllm.stores import QuantizedStore, VagueStore, make_store
+from kvreviver_vllm.vllm_fixes import install_seeded_sampling_fix
 
 # Under the "vllm" logger so messages show in vLLM's own log output.
 logger = init_logger(f"vllm.{__name__}")
@@ -260,6 +261,7 @@ class KVReviverAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.config = KVReviverConfig.from_vllm_config(get_current_vllm_config())
         KVReviverBackend.engine_config = self.config
+        install_seeded_sampling_fix()
         # Set on the first forward, from the cache's slot size, device and the layer's name.
         self.bound = False
         self.store: VagueStore | None = None
