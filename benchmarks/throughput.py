@@ -34,21 +34,18 @@ import argparse
 import datetime
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from harness.server import Server, metrics
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STOCK = "stock"
-STARTUP_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -105,68 +102,16 @@ class Result:
 
 # -- the server ------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-        m = re.search(r'vllm:cache_config_info\{.*num_gpu_blocks="(\d+)"', line)
-        if m:
-            out["num_blocks"] = float(m.group(1))
-    return out
-
-
-class Server:
-    """``kvreviver serve`` for one configuration, stopped on exit."""
-
-    def __init__(self, budget: float | None, pool_bytes: int, max_len: int, block_size: int,
-                 chunk: int, dtype: str, log_dir: Path) -> None:
-        self.port = _free_port()
-        args = ["--port", str(self.port), "--max-model-len", str(max_len), "--dtype", dtype,
-                "--kv-cache-memory-bytes", str(pool_bytes), "--block-size", str(block_size),
-                # vLLM wants at least as many batched tokens as sequences.
-                "--max-num-seqs", str(min(256, chunk)), "--max-num-batched-tokens", str(chunk)]
-        if budget is None:
-            args += ["--attention-backend", "CPU_ATTN"]
-        else:
-            args += ["--additional-config", json.dumps({"kvreviver": {"budget": budget}})]
-        self.log_path = log_dir / f"server-{'stock' if budget is None else budget}-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvreviver_vllm", "serve", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-
-    def __enter__(self) -> Server:
-        deadline = time.time() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.__exit__()
-                    raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-4000:]}")
-                time.sleep(2)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+def server_args(budget: float | None, pool_bytes: int, max_len: int, block_size: int,
+                chunk: int, dtype: str) -> list[str]:
+    """``kvreviver serve`` flags of one configuration; ``budget`` None is stock vLLM."""
+    args = ["--max-model-len", str(max_len), "--dtype", dtype,
+            "--kv-cache-memory-bytes", str(pool_bytes), "--block-size", str(block_size),
+            # vLLM wants at least as many batched tokens as sequences.
+            "--max-num-seqs", str(min(256, chunk)), "--max-num-batched-tokens", str(chunk)]
+    if budget is None:
+        return args + ["--attention-backend", "CPU_ATTN"]
+    return args + ["--additional-config", json.dumps({"kvreviver": {"budget": budget}})]
 
 
 class Poller(threading.Thread):
@@ -180,7 +125,7 @@ class Poller(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                m = _metrics(self.port)
+                m = metrics(self.port)
                 self.peak_running = max(self.peak_running, int(m.get("vllm:num_requests_running", 0)))
                 self.peak_usage = max(self.peak_usage, m.get("vllm:kv_cache_usage_perc", 0.0))
                 self.num_blocks = int(m.get("num_blocks", self.num_blocks))
@@ -387,7 +332,8 @@ def main() -> int:
         config = STOCK if budget is None else f"kvreviver@{budget:g}"
         chunk = setup.stock_chunk if budget is None else setup.chunk
         print(f"[throughput] {config}, pool {pool / 2**20:.0f} MiB ...", flush=True)
-        with Server(budget, pool, max_len, setup.block_size, chunk, setup.dtype, work) as server:
+        args = server_args(budget, pool, max_len, setup.block_size, chunk, setup.dtype)
+        with Server(args, "stock" if budget is None else f"{budget:g}", work) as server:
             for scenario, load, bench_args in loads:
                 r = measure(scenario, config, budget, load, server, model_dir=model_dir,
                             seed=args.seed, work=work, **bench_args)

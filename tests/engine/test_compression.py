@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,33 @@ def test_preempted_requests_resume_exactly(model_dir):
     assert ours["free_at_end"] == ours["free_at_start"]
     for rid in map(str, range(len(prompts))):
         assert ours["outputs"][rid]["token_ids"] == stock["outputs"][rid]["token_ids"], rid
+
+
+def test_a_failing_kernel_stops_the_engine_cleanly(model_dir, tokenizer):
+    """A kernel that raises mid-generation: the caller gets vLLM's EngineDeadError
+    promptly (no hang), and shutting down leaves no engine process behind."""
+    import psutil
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from probes import raise_in_attention
+    from prompts import make_prompt
+
+    with kvreviver_engine(model_dir, budget=0.25) as llm:
+        # VLLM::EngineCore and its workers (not multiprocessing's resource tracker,
+        # which lives as long as this process).
+        engine_processes = [p for p in psutil.Process().children(recursive=True)
+                            if "VLLM" in " ".join(p.cmdline())]
+        assert engine_processes
+        assert llm.collective_rpc(raise_in_attention, args=(40,)) == [1]
+        prompts = [TokensPrompt(prompt_token_ids=make_prompt(tokenizer, 600, seed=1))]
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+        assert time.monotonic() - start < 60
+    gone, alive = psutil.wait_procs(engine_processes, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
 
 
 @pytest.mark.parametrize("variant, extra", [

@@ -107,3 +107,25 @@ def test_decode_kernel_auto_is_triton_on_the_gpu_only():
     assert KVReviverConfig(decode_kernel="triton").uses_triton_decode("cpu")
     assert not KVReviverConfig(decode_kernel="compiled").uses_triton_decode("cuda")
     assert KVReviverConfig.from_sources({}, {"KVREVIVER_DECODE_KERNEL": "triton"}).decode_kernel == "triton"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("variant", "__import__('os').system('touch {marker}')"),
+    ("variant", "{marker}"),
+    ("decode_kernel", "kvreviver_vllm.backend:{marker}"),
+    ("budget", "__import__('os').system('touch {marker}') or 0.1"),
+    ("candidates", "exec('open(\"{marker}\", \"w\")')"),
+    ("sink", "open('{marker}').read()"),
+])
+def test_hostile_values_are_refused_never_run_or_read(tmp_path, key, value):
+    """``--additional-config`` and ``KVREVIVER_*`` are data: a value that names code
+    or a file is refused like any bad value (the text of the refusal names it), and
+    nothing is run, imported or opened."""
+    marker = tmp_path / "touched"
+    value = value.format(marker=marker)
+    for sources in (({"kvreviver": {key: value}}, {}),
+                    ({}, {f"KVREVIVER_{key.upper()}": value})):
+        with pytest.raises(KVReviverConfigError) as err:
+            KVReviverConfig.from_sources(*sources)
+        assert repr(value) in str(err.value) or value in str(err.value)
+    assert not marker.exists()
