@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ WORDS = ("river stone apple light garden winter market silver table window morni
 class Setup:
     budgets: tuple[float, ...] = (0.1, 1.0)
     rounds: int = 3
-    requests: int = 200
+    requests: int = 100
     clients: int = 16
     max_model_len: int = 8192
     long_len: tuple[int, int] = (3000, 6000)
@@ -150,7 +151,9 @@ def make_request(rng: random.Random, setup: Setup, bad: tuple[BadInput, ...]) ->
     long = rng.random() < 0.25
     length = rng.randint(*setup.long_len) if long else rng.randint(8, 200)
     chat = rng.random() < 0.4
-    params: dict = {"model": MODEL, "max_tokens": rng.randint(1, setup.max_tokens), "n": 1}
+    # Mostly short answers, one in four up to the longest.
+    longest = setup.max_tokens if rng.random() < 0.25 else min(32, setup.max_tokens)
+    params: dict = {"model": MODEL, "max_tokens": rng.randint(1, longest), "n": 1}
     if rng.random() < 0.5:
         params["temperature"] = 0.0
     else:  # vLLM refuses n > 1 with greedy sampling
@@ -394,13 +397,19 @@ def completion_tokens(port: int, requests: list[Request], clients: int) -> list[
     return asyncio.run(go())
 
 
-def isolation(server: Server, setup: Setup, rng: random.Random) -> dict:
-    def greedy(prompt: list[int], max_tokens: int) -> Request:
-        return Request("probe", "/v1/completions", {
-            "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "return_token_ids": True})
+def greedy(prompt: list[int], max_tokens: int) -> Request:
+    return Request("probe", "/v1/completions", {
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+        "ignore_eos": True, "return_token_ids": True})
 
-    probe = greedy(token_prompt(random.Random(1234), setup.probe_len), setup.probe_tokens)
+
+def probe_request(setup: Setup) -> Request:
+    """The isolation probe: the same greedy request on every server."""
+    return greedy(token_prompt(random.Random(1234), setup.probe_len), setup.probe_tokens)
+
+
+def isolation(server: Server, setup: Setup, rng: random.Random) -> dict:
+    probe = probe_request(setup)
     alone = completion_tokens(server.port, [probe], 1)[0]
     neighbours = [greedy(token_prompt(rng, rng.randint(*setup.long_len) if i % 2 else
                                       rng.randint(8, 200)), setup.probe_tokens)
@@ -408,10 +417,17 @@ def isolation(server: Server, setup: Setup, rng: random.Random) -> dict:
     before = metrics(server.port).get("vllm:num_preemptions_total", 0)
     batch = completion_tokens(server.port, [*neighbours, probe], 16)
     preempted = metrics(server.port).get("vllm:num_preemptions_total", 0) - before
-    return {"probe_tokens": setup.probe_tokens, "alone_equals_in_batch": alone == batch[-1],
+    return {"probe_tokens": setup.probe_tokens, "alone": alone,
+            "alone_equals_in_batch": alone == batch[-1],
             "alone_answered": alone is not None and len(alone) == setup.probe_tokens,
             "neighbours_answered": sum(t is not None for t in batch[:-1]),
             "preemptions_in_batch": int(preempted)}
+
+
+def routes(port: int) -> list[str]:
+    """The server's HTTP routes, from its OpenAPI schema."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=10) as r:
+        return sorted(json.load(r)["paths"])
 
 
 def security(server: Server, setup: Setup, rng: random.Random) -> dict:
@@ -450,8 +466,7 @@ def is_alive(process) -> bool:
         return False
 
 
-def sigterm_mid_load(server: Server, setup: Setup, rng: random.Random,
-                     bad: tuple[BadInput, ...]) -> dict:
+def sigterm_mid_load(server: Server, setup: Setup, rng: random.Random) -> dict:
     """SIGTERM while ``setup.clients`` requests are in flight. vLLM stops its engine
     at once (``--shutdown-timeout`` 0: abort); its HTTP server (uvicorn) then waits for
     open client connections, so the clients are cut ``SHUTDOWN_GRACE_S`` after the
@@ -461,7 +476,10 @@ def sigterm_mid_load(server: Server, setup: Setup, rng: random.Random,
     # vLLM names its engine processes VLLM::EngineCore, VLLM::Worker...; the API
     # server's other children (multiprocessing's resource tracker) go with it.
     engine = [p for p in children if "VLLM" in p.name() + " ".join(p.cmdline())]
-    requests = [make_request(rng, setup, bad) for _ in range(setup.clients)]
+    # Greedy and unseeded: stock vLLM's engine dies on seeded long prompts
+    # (vllm_fixes.py), which would end this run before the signal.
+    requests = [greedy(token_prompt(rng, rng.randint(8, setup.long_len[0])), 256)
+                for _ in range(setup.clients)]
 
     async def load_then_term() -> dict:
         load = asyncio.ensure_future(run_load(server.port, requests, setup.clients))
@@ -509,10 +527,21 @@ class BudgetReport:
     security: dict = field(default_factory=dict)
     shutdown: dict = field(default_factory=dict)
     idle_kv_usage: float = 0.0
+    routes: list[str] = field(default_factory=list)
+    stock: dict | None = None
+    """Stock vLLM's answers to the same questions (the full run): its routes and, at
+    budget 1.0, its tokens for the isolation probe."""
 
     def checks(self) -> dict[str, bool]:
         first = self.rounds[0].rss_mib_after
+        against_stock = {}
+        if self.stock:
+            against_stock["the same HTTP routes as stock vLLM"] = self.routes == self.stock["routes"]
+            if self.budget == 1.0:
+                against_stock["budget 1.0: probe tokens == stock vLLM's"] = (
+                    self.isolation.get("alone") == self.stock["probe_alone"])
         return {
+            **against_stock,
             "every request answered or refused as it should be": all(
                 not r.failures for r in self.rounds),
             "load preempted requests": any(r.preemptions for r in self.rounds),
@@ -571,6 +600,18 @@ def plot(reports: list[BudgetReport], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def server_flags(setup: Setup, pool_bytes: int, budget: float | None) -> list[str]:
+    """``kvreviver serve`` flags of a stress server; ``budget`` None: stock vLLM."""
+    flags = ["--dtype", "float32", "--max-model-len", str(setup.max_model_len),
+             "--kv-cache-memory-bytes", str(pool_bytes), "--max-num-seqs", "16",
+             # Admit requests on their first chunk, so that they outgrow the pool
+             # while reading their prompts and are preempted.
+             "--no-scheduler-reserve-full-isl", "--api-key", API_KEY]
+    if budget is None:
+        return flags + ["--attention-backend", "CPU_ATTN"]
+    return flags + ["--additional-config", json.dumps({"kvreviver": {"budget": budget}})]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run for the test suite")
@@ -579,7 +620,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--requests", type=int, help="per round")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-stock", action="store_true",
+                        help="skip the stock vLLM server (routes, probe, SIGTERM); --quick skips it")
     args = parser.parse_args()
+    args.no_stock |= args.quick
     setup = QUICK if args.quick else Setup()
     overrides = {k: v for k, v in (("budgets", tuple(args.budgets or ())), ("rounds", args.rounds),
                                    ("requests", args.requests)) if v}
@@ -597,33 +641,34 @@ def main() -> int:
     started = time.time()
     logs = Path(tempfile.mkdtemp(prefix="kvreviver-stress-"))
     print(f"[stress] server logs in {logs}", flush=True)
-    if True:
-        for i, budget in enumerate(setup.budgets):
-            report = BudgetReport(budget, pool_bytes)
-            reports.append(report)
-            flags = ["--dtype", "float32", "--max-model-len", str(setup.max_model_len),
-                     "--kv-cache-memory-bytes", str(pool_bytes), "--max-num-seqs", "16",
-                     # Admit requests on their first chunk, so that they outgrow the
-                     # pool while reading their prompts and are preempted.
-                     "--no-scheduler-reserve-full-isl",
-                     "--api-key", API_KEY,
-                     "--additional-config", json.dumps({"kvreviver": {"budget": budget}})]
-            print(f"[stress] budget {budget}: starting the server ...", flush=True)
-            with Server(flags, f"stress-{budget:g}", logs) as server:
-                pids = {p.pid for p in process_tree(server.proc.pid)}
-                report.idle_kv_usage = idle_usage(server.port)[0]
-                for r in range(1, setup.rounds + 1):
-                    report.rounds.append(load_round(server, r, setup, rng, bad, pids))
-                    print(f"[stress]   round {r}: {report.rounds[-1].seconds} s, "
-                          f"{len(report.rounds[-1].failures)} failed", flush=True)
-                    for failure in report.rounds[-1].failures:
-                        print(f"[stress]     FAILED {failure}", flush=True)
-                report.isolation = isolation(server, setup, rng)
-                report.security = security(server, setup, rng)
-                if i == len(setup.budgets) - 1:
-                    report.shutdown = sigterm_mid_load(server, setup, rng, bad)
-                if any(not ok for ok in report.checks().values()):
-                    print(server.log_path.read_text()[-3000:])
+    stock = None
+    if not args.no_stock:
+        print("[stress] stock vLLM (CPU_ATTN): starting the server ...", flush=True)
+        with Server(server_flags(setup, pool_bytes, None), "stress-stock", logs) as server:
+            stock = {"routes": routes(server.port),
+                     "probe_alone": completion_tokens(server.port, [probe_request(setup)], 1)[0],
+                     "shutdown": sigterm_mid_load(server, setup, random.Random(args.seed))}
+        print(f"[stress]   stock: SIGTERM {stock['shutdown']}", flush=True)
+    for i, budget in enumerate(setup.budgets):
+        report = BudgetReport(budget, pool_bytes, stock=stock)
+        reports.append(report)
+        print(f"[stress] budget {budget}: starting the server ...", flush=True)
+        with Server(server_flags(setup, pool_bytes, budget), f"stress-{budget:g}", logs) as server:
+            report.routes = routes(server.port)
+            pids = {p.pid for p in process_tree(server.proc.pid)}
+            report.idle_kv_usage = idle_usage(server.port)[0]
+            for r in range(1, setup.rounds + 1):
+                report.rounds.append(load_round(server, r, setup, rng, bad, pids))
+                print(f"[stress]   round {r}: {report.rounds[-1].seconds} s, "
+                      f"{len(report.rounds[-1].failures)} failed", flush=True)
+                for failure in report.rounds[-1].failures:
+                    print(f"[stress]     FAILED {failure}", flush=True)
+            report.isolation = isolation(server, setup, rng)
+            report.security = security(server, setup, rng)
+            if i == len(setup.budgets) - 1:
+                report.shutdown = sigterm_mid_load(server, setup, rng)
+            if any(not ok for ok in report.checks().values()):
+                print(server.log_path.read_text()[-3000:])
             print_report(report)
     args.out.mkdir(parents=True, exist_ok=True)
     out = {
@@ -631,7 +676,8 @@ def main() -> int:
         "quick": args.quick, "seed": args.seed, "cpus": os.cpu_count(),
         "seconds": round(time.time() - started), "setup": setup.__dict__,
         "bad_inputs": [b.name for b in bad],
-        "budgets": [{**r.__dict__, "rounds": [x.__dict__ for x in r.rounds],
+        "stock": stock,
+        "budgets": [{**{k: v for k, v in r.__dict__.items() if k != "stock"}, "rounds": [x.__dict__ for x in r.rounds],
                      "checks": r.checks()} for r in reports],
     }
     (args.out / "stress.json").write_text(json.dumps(out, indent=2))
