@@ -332,8 +332,8 @@ def main() -> int:
         config = STOCK if budget is None else f"kvreviver@{budget:g}"
         chunk = setup.stock_chunk if budget is None else setup.chunk
         print(f"[throughput] {config}, pool {pool / 2**20:.0f} MiB ...", flush=True)
-        args = server_args(budget, pool, max_len, setup.block_size, chunk, setup.dtype)
-        with Server(args, "stock" if budget is None else f"{budget:g}", work) as server:
+        flags = server_args(budget, pool, max_len, setup.block_size, chunk, setup.dtype)
+        with Server(flags, "stock" if budget is None else f"{budget:g}", work) as server:
             for scenario, load, bench_args in loads:
                 r = measure(scenario, config, budget, load, server, model_dir=model_dir,
                             seed=args.seed, work=work, **bench_args)
