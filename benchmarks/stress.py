@@ -670,19 +670,29 @@ def main() -> int:
             if any(not ok for ok in report.checks().values()):
                 print(server.log_path.read_text()[-3000:])
             print_report(report)
+        # Written after every budget, so a run that stops keeps what it measured.
+        write_report(args, setup, bad, stock, reports, time.time() - started,
+                     complete=i == len(setup.budgets) - 1)
+    return 0 if all(all(r.checks().values()) for r in reports) else 1
+
+
+def write_report(args: argparse.Namespace, setup: Setup, bad: tuple[BadInput, ...],
+                 stock: dict | None, reports: list[BudgetReport], seconds: float,
+                 complete: bool) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick, "seed": args.seed, "cpus": os.cpu_count(),
-        "seconds": round(time.time() - started), "setup": setup.__dict__,
+        "quick": args.quick, "seed": args.seed, "cpus": os.cpu_count(), "complete": complete,
+        "seconds": round(seconds), "setup": setup.__dict__,
         "bad_inputs": [b.name for b in bad],
         "stock": stock,
-        "budgets": [{**{k: v for k, v in r.__dict__.items() if k != "stock"}, "rounds": [x.__dict__ for x in r.rounds],
-                     "checks": r.checks()} for r in reports],
+        "budgets": [{**{k: v for k, v in r.__dict__.items() if k != "stock"},
+                     "rounds": [x.__dict__ for x in r.rounds], "checks": r.checks()}
+                    for r in reports],
     }
     (args.out / "stress.json").write_text(json.dumps(out, indent=2))
     plot(reports, args.out / "stress.png")
-    return 0 if all(all(r.checks().values()) for r in reports) else 1
+
 
 
 if __name__ == "__main__":
