@@ -47,7 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.server import Server, metrics
+from harness.server import Server, engine_processes, metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
@@ -431,26 +431,16 @@ def routes(port: int) -> list[str]:
 
 
 def security(server: Server, setup: Setup, rng: random.Random) -> dict:
-    long = {"model": MODEL, "prompt": token_prompt(rng, setup.long_len[0]), "max_tokens": 8}
-    requests = [Request("no key", "/v1/completions", long)] * 5
+    long = json.dumps({"model": MODEL, "prompt": token_prompt(rng, setup.long_len[0]),
+                       "max_tokens": 8}).encode()
+    unauthorized = BadInput("no key", "/v1/completions", long, 401, ("unauthorized",))
+    requests = [Request("no key", unauthorized.endpoint, bad=unauthorized)] * 5
     before = metrics(server.port)
-    statuses = []
-
-    async def go():
-        import aiohttp
-
-        base = f"http://127.0.0.1:{server.port}"
-        async with aiohttp.ClientSession() as session:
-            for req, headers in [(r, {}) for r in requests] + [
-                    (r, {"Authorization": "Bearer wrong-key"}) for r in requests]:
-                async with session.post(base + req.endpoint, json=req.payload,
-                                        headers=headers) as r:
-                    statuses.append(r.status)
-
-    asyncio.run(go())
+    outcomes = [o for headers in ({}, {"Authorization": "Bearer wrong-key"})
+                for o in asyncio.run(run_load(server.port, requests, 1, headers))]
     time.sleep(1.5)
     after = metrics(server.port)
-    return {"unauthorized_requests": len(statuses), "all_401": set(statuses) == {401},
+    return {"unauthorized_requests": len(outcomes), "all_401": all(o.ok for o in outcomes),
             "prompt_tokens_charged": int(after.get("vllm:prompt_tokens_total", 0)
                                          - before.get("vllm:prompt_tokens_total", 0)),
             "kv_usage_during": after.get("vllm:kv_cache_usage_perc", 0.0)}
@@ -472,10 +462,11 @@ def sigterm_mid_load(server: Server, setup: Setup, rng: random.Random) -> dict:
     open client connections, so the clients are cut ``SHUTDOWN_GRACE_S`` after the
     signal if they are still connected. Measured: when the engine processes were gone,
     when the API server exited, and whether it had to wait for the clients."""
-    api, *children = process_tree(server.proc.pid)
-    # vLLM names its engine processes VLLM::EngineCore, VLLM::Worker...; the API
-    # server's other children (multiprocessing's resource tracker) go with it.
-    engine = [p for p in children if "VLLM" in p.name() + " ".join(p.cmdline())]
+    import psutil
+
+    api = psutil.Process(server.proc.pid)
+    # The API server's other children (multiprocessing's resource tracker) go with it.
+    engine = engine_processes(server.proc.pid)
     # Greedy and unseeded: stock vLLM's engine dies on seeded long prompts
     # (vllm_fixes.py), which would end this run before the signal.
     requests = [greedy(token_prompt(rng, rng.randint(8, setup.long_len[0])), 256)

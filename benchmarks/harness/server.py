@@ -23,6 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def engine_processes(pid: int) -> list:
+    """vLLM's engine processes below ``pid`` (named ``VLLM::EngineCore``,
+    ``VLLM::Worker``, ...), not its other children such as multiprocessing's
+    resource tracker."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "VLLM" in p.name() + " ".join(p.cmdline())]
+
+
 def metrics(port: int) -> dict[str, float]:
     """Every ``vllm:`` sample of ``/metrics`` summed over its labels, plus the
     pool's ``num_blocks``."""

@@ -163,22 +163,20 @@ def test_a_failing_kernel_stops_the_engine_cleanly(model_dir, tokenizer):
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.exceptions import EngineDeadError
 
+    from harness.server import engine_processes
     from probes import raise_in_attention
     from prompts import make_prompt
 
     with kvreviver_engine(model_dir, budget=0.25) as llm:
-        # VLLM::EngineCore and its workers (not multiprocessing's resource tracker,
-        # which lives as long as this process).
-        engine_processes = [p for p in psutil.Process().children(recursive=True)
-                            if "VLLM" in " ".join(p.cmdline())]
-        assert engine_processes
+        engine = engine_processes(os.getpid())
+        assert engine
         assert llm.collective_rpc(raise_in_attention, args=(40,)) == [1]
         prompts = [TokensPrompt(prompt_token_ids=make_prompt(tokenizer, 600, seed=1))]
         start = time.monotonic()
         with pytest.raises(EngineDeadError):
             llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
         assert time.monotonic() - start < 60
-    gone, alive = psutil.wait_procs(engine_processes, timeout=30)
+    gone, alive = psutil.wait_procs(engine, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
 
 

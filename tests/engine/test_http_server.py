@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.server import free_port, metrics
+
 pytestmark = pytest.mark.engine
 
 STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kvreviver_cmd(*args: str) -> list[str]:
@@ -30,7 +25,7 @@ def _kvreviver_cmd(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     # Compression on: short prompts stay under sink + recent and are served exactly,
@@ -100,11 +95,9 @@ def test_bad_request_fails_alone(client):
 
 
 def _metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(name + "{") or line.startswith(name + " ")]
-    assert values, f"{name} not in /metrics"
-    return sum(values)
+    values = metrics(port)
+    assert name in values, f"{name} not in /metrics"
+    return values[name]
 
 
 def test_aborted_stream_returns_its_blocks(server, client):
@@ -145,7 +138,7 @@ def test_backend_ran_and_server_shuts_down_cleanly(server, client):
 def test_bad_config_fails_fast(model_dir):
     start = time.time()
     res = subprocess.run(
-        _kvreviver_cmd("serve", "--port", str(_free_port()), "--additional-config",
+        _kvreviver_cmd("serve", "--port", str(free_port()), "--additional-config",
                        '{"kvreviver": {"budget": 1.5}}'),
         capture_output=True, text=True, timeout=180,
     )
