@@ -29,7 +29,11 @@ compressed cache: next-token loss (nats/token) of the forced tokens, and KL(full
 of the next-token distribution at each forced position over full cache's top 20 tokens
 plus one bucket for the rest (a token outside a method's top 20 gets its 20th
 probability, so this is a lower bound). The first forced token is left out of both: the
-last prompt chunk computes it, over the exact prompt. Attention-output error (budgeted
+last prompt chunk computes it, over the exact prompt. The ``generation`` task (not in the
+standard grid: ``--tasks generation``) is long generation: a short prompt of the same
+text and the rest of the context forced, so the cache grows and is compacted while
+decoding; it reports the same loss and KL, and greedy agreement with full cache over
+the first ``GENERATION_AGREEMENT_TOKENS`` tokens generated freely from the prompt. Attention-output error (budgeted
 methods; stock vLLM runs its own kernel, which this harness does not hook) is measured
 inside the worker on the first ``ERROR_STEPS`` decode steps of every retrieval prompt, at
 every layer: ``|o - o_full| / |o_full|`` against float32 attention of the same query over
@@ -63,7 +67,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from harness.tasks import TASKS, TaskGenerator, is_correct
+from harness.tasks import (
+    ALL_TASKS,
+    FORCED_TASKS,
+    GENERATION_AGREEMENT_TOKENS,
+    RETRIEVAL_TASKS,
+    TASKS,
+    TaskGenerator,
+    is_correct,
+)
 
 from kvreviver_vllm.host import BF16, FLOAT32, fast_dtype
 from kvreviver_vllm.policy import SNAPKV_POOL
@@ -117,7 +129,7 @@ QUICK = Grid(
     contexts=(1024,),
     budgets=(0.25,),
     methods=("full", "evict", "quantized"),
-    tasks=("passkey-repeat", "loss"),
+    tasks=("passkey-repeat", "loss", "generation"),
     samples=2,
 )
 
@@ -129,7 +141,7 @@ class SampleResult:
     correct: bool | None
     token_ids: list[int]
     forced_logprobs: list[dict[int, float]]
-    """``loss``: top raw logprobs (and the forced token's) at each scored forced position."""
+    """``FORCED_TASKS``: top raw logprobs (and the forced token's) at each scored forced position."""
     loss: float | None
 
 
@@ -237,12 +249,14 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
     from harness.probes import attention_error_results, install_attention_error_probe
     from harness.teacher_forcing import ForcedTokensLogitsProcessor, teacher_forced
 
-    max_len = max(len(s.prompt_ids) + max(len(s.forced_ids), MAX_TOKENS) for s in samples) + 8
+    max_len = max(len(s.prompt_ids) + max(len(s.forced_ids), MAX_TOKENS, GENERATION_AGREEMENT_TOKENS)
+                  for s in samples) + 8
     probe = budget is not None  # stock vLLM runs its own attention kernel
     if probe:  # collective_rpc ships the probe's functions to the worker
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    retrieval = [s for s in samples if s.task != "loss"]
-    forced = [s for s in samples if s.task == "loss"]
+    retrieval = [s for s in samples if s.task not in FORCED_TASKS]
+    forced = [s for s in samples if s.task in FORCED_TASKS]
+    generation = [s for s in samples if s.task == "generation"]
     start = time.perf_counter()
     with engine(model_dir, max_len, chunk, logits_processors=[ForcedTokensLogitsProcessor],
                 **kwargs) as llm:
@@ -257,6 +271,10 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
             [TokensPrompt(prompt_token_ids=s.prompt_ids) for s in forced],
             [teacher_forced(s.forced_ids, TOP_LOGPROBS) for s in forced],
         ) if forced else []
+        free_outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=s.prompt_ids) for s in generation],
+            SamplingParams(temperature=0.0, max_tokens=GENERATION_AGREEMENT_TOKENS, ignore_eos=True),
+        ) if generation else []
     run = Run(method, budget, kwargs, time.perf_counter() - start,
               attention_error=attention_error_by_context(errors, {s.context for s in samples}))
     results = {}
@@ -268,11 +286,13 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
     for sample, out in zip(forced, forced_outs):
         completion = out.outputs[0]
         if list(completion.token_ids) != list(sample.forced_ids):
-            raise RuntimeError(f"{method}: a loss prompt was not teacher-forced")
+            raise RuntimeError(f"{method}: a {sample.task} prompt was not teacher-forced")
         # Position 0 comes from the exact prompt; the decode steps serve the rest.
         steps = [{tok: lp.logprob for tok, lp in step.items()} for step in completion.logprobs[1:]]
         loss = -statistics.fmean(step[tok] for tok, step in zip(sample.forced_ids[1:], steps))
         results[id(sample)] = SampleResult(sample.task, sample.context, None, [], steps, loss)
+    for sample, out in zip(generation, free_outs):
+        results[id(sample)].token_ids = list(out.outputs[0].token_ids)
     run.results = [results[id(s)] for s in samples]
     return run
 
@@ -307,7 +327,8 @@ def stock_run_cached(model_dir: str, method: str, kwargs: dict, samples, chunk: 
     import vllm
 
     key = hashlib.sha1(json.dumps(
-        [method, kwargs, chunk, MAX_TOKENS, TOP_LOGPROBS, vllm.__version__, model_dir,
+        [method, kwargs, chunk, MAX_TOKENS, TOP_LOGPROBS, GENERATION_AGREEMENT_TOKENS,
+         vllm.__version__, model_dir,
          [(s.task, s.context, s.prompt_ids, s.forced_ids) for s in samples]],
     ).encode()).hexdigest()[:16]
     path = cache_dir / f"{method}-{key}.json"
@@ -341,14 +362,14 @@ def attention_error_by_context(errors: list[tuple[int, int, int, int, float]],
     return {c: statistics.fmean(e) for c, e in sorted(by_context.items())}
 
 
-def agreement(a: list[int], b: list[int]) -> float:
-    """Fraction of ``MAX_TOKENS`` generated before the first differing token."""
+def agreement(a: list[int], b: list[int], length: int = MAX_TOKENS) -> float:
+    """Fraction of ``length`` generated tokens before the first differing token."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
             break
         n += 1
-    return n / MAX_TOKENS
+    return n / length
 
 
 def top_k_kl(full: dict[int, float], other: dict[int, float]) -> float:
@@ -384,11 +405,15 @@ def summarize(run: Run, reference: Run) -> list[dict]:
         pairs = list(zip(got, wanted[(context, task)], strict=True))
         row = dict(method=run.method, budget=run.budget, context=context, task=task,
                    samples=len(pairs))
-        if task == "loss":
+        if task in FORCED_TASKS:
             row["loss"] = statistics.fmean(g.loss for g, _ in pairs)
             row["loss_delta"] = row["loss"] - statistics.fmean(w.loss for _, w in pairs)
             row["kl"] = statistics.fmean(forced_kl(w.forced_logprobs, g.forced_logprobs)
                                          for g, w in pairs)
+            if task == "generation":
+                row["agreement"] = statistics.fmean(
+                    agreement(g.token_ids, w.token_ids, GENERATION_AGREEMENT_TOKENS)
+                    for g, w in pairs)
         else:
             row["correct"] = sum(g.correct for g, _ in pairs)
             row["accuracy"] = row["correct"] / len(pairs)
@@ -424,29 +449,37 @@ def markdown(rows: list[dict], grid: Grid, skipped: list[str],
                 match = [r for r in at if (r["method"], r["budget"], r["task"]) == (method, budget, task)]
                 if not match:
                     cells.append("-" if claims is not None and (context, task) not in claims else "n/a")
-                elif task == "loss":
+                elif task in FORCED_TASKS:
                     r = match[0]
                     cells.append(f"{r['loss']:.3f}" + ("" if method == "full" else f" ({r['loss_delta']:+.3f})"))
                 else:
                     r = match[0]
                     cells.append(f"{r['correct']}/{r['samples']}")
             lines.append("| " + " | ".join(cells) + " |")
+        generation = "generation" in grid.tasks
         lines += ["", "Fidelity: greedy agreement with full cache over "
                   f"{MAX_TOKENS} tokens (retrieval tasks pooled); the loss task's KL to full cache "
                   f"(top-{TOP_LOGPROBS}, nats, mean over its teacher-forced decode positions); "
                   "attention-output relative error (mean over retrieval prompts, layers and the "
-                  f"first {ERROR_STEPS} decode steps; - for stock vLLM's kernel).", "",
-                  "| method | budget | agreement | loss KL | attention error |", "|---|---|---|---|---|"]
+                  f"first {ERROR_STEPS} decode steps; - for stock vLLM's kernel)"
+                  + (f"; the generation task's KL and its greedy agreement over "
+                     f"{GENERATION_AGREEMENT_TOKENS} tokens" if generation else "") + ".", ""]
+        head = ["method", "budget", "agreement", "loss KL", "attention error"]
+        head += ["generation KL", "generation agreement"] if generation else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, budget in configs:
             mine = [r for r in at if (r["method"], r["budget"]) == (method, budget)]
-            retrieval = [r for r in mine if "agreement" in r]
+            retrieval = [r for r in mine if r["task"] in RETRIEVAL_TASKS]
             weight = sum(r["samples"] for r in retrieval)
             agree = sum(r["agreement"] * r["samples"] for r in retrieval) / weight if weight else None
             kl = next((r["kl"] for r in mine if r["task"] == "loss"), None)
             error = (attention_errors or {}).get((method, budget, context))
+            gen = next((r for r in mine if r["task"] == "generation"), None)
             cells = [f"{agree:.2f}" if agree is not None else "-",
                      f"{kl:.3f}" if kl is not None else "-",
                      f"{error:.3f}" if error is not None else "-"]
+            if generation:
+                cells += [f"{gen['kl']:.3f}", f"{gen['agreement']:.2f}"] if gen else ["-", "-"]
             lines.append(f"| {method} | {'-' if budget is None else f'{budget:.0%}'} | "
                          + " | ".join(cells) + " |")
         lines.append("")
@@ -474,7 +507,7 @@ def plot(rows: list[dict], grid: Grid, path: Path) -> None:
         for j, task in enumerate(grid.tasks):
             ax = axes[i][j]
             at = [r for r in rows if r["context"] == context and r["task"] == task]
-            key = "loss" if task == "loss" else "accuracy"
+            key = "loss" if task in FORCED_TASKS else "accuracy"
             for method in grid.methods:
                 mine = sorted((r for r in at if r["method"] == method), key=lambda r: r["budget"] or 1)
                 if not mine:
@@ -486,7 +519,7 @@ def plot(rows: list[dict], grid: Grid, path: Path) -> None:
             ax.set_xscale("log")
             ax.set_title(f"{task}, ~{context} tok", fontsize=9)
             ax.set_xlabel("budget (fraction of context)", fontsize=8)
-            ax.set_ylabel("loss (nats)" if task == "loss" else "accuracy", fontsize=8)
+            ax.set_ylabel("loss (nats)" if task in FORCED_TASKS else "accuracy", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -556,7 +589,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="subset of methods")
     parser.add_argument("--budgets", nargs="+", type=float, help="subset of budgets")
     parser.add_argument("--contexts", nargs="+", type=int, help="context lengths (tokens)")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="subset of tasks")
+    parser.add_argument("--tasks", nargs="+", choices=ALL_TASKS,
+                        help=f"tasks (default: {' '.join(TASKS)}; generation only when named)")
     parser.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (default 512)")
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="engines run side by side, each on its own cores (default: 2, "
@@ -661,7 +695,7 @@ def main() -> int:
         # Only tasks the full cache mostly solves say anything about compression;
         # the others are reported for the full cache alone.
         claims = {(r["context"], r["task"]) for r in summarize(done[0], done[0])
-                  if r["task"] == "loss" or r["accuracy"] >= CLAIM_THRESHOLD}
+                  if r["task"] in FORCED_TASKS or r["accuracy"] >= CLAIM_THRESHOLD}
         if not claims:
             print(f"[accuracy] no task carries a claim (the full cache answers under "
                   f"{CLAIM_THRESHOLD:.0%} of every task's prompts): the other methods are not run",

@@ -7,7 +7,7 @@ install script provides, never from a hub:
 - ``fortunes`` (``/usr/share/games/fortunes``): quotes and short stories, the
   natural filler of ``passkey-natural``;
 - ``base-files`` (``/usr/share/common-licenses/GPL-3``): a long, coherent
-  document, the text of the teacher-forced ``loss`` task.
+  document, the text of the teacher-forced ``loss`` and ``generation`` tasks.
 
 Retrieval prompts are plain text ending in a cue ("The pass key is"), which is
 how the default (135M) model answers most reliably; a sample is correct when
@@ -29,10 +29,20 @@ LONG_TEXT = Path("/usr/share/common-licenses/GPL-3")
 # (each is one decode step).
 MAX_FORCED_TOKENS = 256
 
+# Long generation: a short prompt, then the rest of the context teacher-forced
+# through decode steps, so the cache grows (and is compacted) while decoding.
+GENERATION_PROMPT_TOKENS = 128
+# Greedy agreement with the full cache is taken over this many generated tokens.
+GENERATION_AGREEMENT_TOKENS = 256
+
 RETRIEVAL_TASKS = (
     "passkey-repeat", "passkey-natural", "passkey-long", "multikey", "kv-retrieval", "variables",
 )
+# Tasks scored on teacher-forced decode steps (loss and KL), not on an answer.
+FORCED_TASKS = ("loss", "generation")
+# The long-prompt tasks: the standard grid's.
 TASKS = RETRIEVAL_TASKS + ("loss",)
+ALL_TASKS = TASKS + ("generation",)
 
 _REPEAT_FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -50,9 +60,9 @@ class Sample:
     answer: str
     """Text the continuation must contain; for ``loss``, empty."""
     forced_ids: tuple[int, ...] = ()
-    """For ``loss``: the text's continuation after the prompt, teacher-forced
-    through decode steps (``harness.teacher_forcing``); the loss is taken
-    over it."""
+    """For ``FORCED_TASKS``: the text's continuation after the prompt,
+    teacher-forced through decode steps (``harness.teacher_forcing``); the loss
+    is taken over it."""
 
 
 class MissingTextError(RuntimeError):
@@ -92,8 +102,8 @@ class TaskGenerator:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def samples(self, task: str, context_tokens: int, count: int, seed: int) -> list[Sample]:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}: allowed tasks are {', '.join(TASKS)}")
+        if task not in ALL_TASKS:
+            raise ValueError(f"unknown task {task!r}: allowed tasks are {', '.join(ALL_TASKS)}")
         make = getattr(self, "_" + task.replace("-", "_"))
         # One random stream per sample; needle depths spread evenly over `count`.
         return [
@@ -219,18 +229,29 @@ class TaskGenerator:
         )
         return Sample("variables", ids, context_tokens, value)
 
-    def _loss(self, rng, context_tokens, index, count) -> Sample:
-        """A window of the long text: the prompt, then its last
-        ``forced_tokens(context)`` tokens as the forced continuation."""
+    def _text_window(self, rng: random.Random, context_tokens: int) -> list[int]:
+        """``context_tokens`` consecutive tokens of the long text, from a seeded start."""
         ids = self.encode(long_text())
         if len(ids) < context_tokens:
             # Shorter than the context: repeat it (the second pass is then predictable
             # from far back, which is exactly what a compressed cache must preserve).
             ids = (ids * (context_tokens // len(ids) + 1))
         start = rng.randrange(0, len(ids) - context_tokens + 1)
-        window = ids[start : start + context_tokens]
+        return ids[start : start + context_tokens]
+
+    def _loss(self, rng, context_tokens, index, count) -> Sample:
+        """A window of the long text: the prompt, then its last
+        ``forced_tokens(context)`` tokens as the forced continuation."""
+        window = self._text_window(rng, context_tokens)
         split = context_tokens - forced_tokens(context_tokens)
         return Sample("loss", window[:split], context_tokens, "", tuple(window[split:]))
+
+    def _generation(self, rng, context_tokens, index, count) -> Sample:
+        """A window of the long text: its first ``GENERATION_PROMPT_TOKENS`` tokens
+        are the prompt, the rest is forced, one decode step each."""
+        window = self._text_window(rng, context_tokens)
+        split = GENERATION_PROMPT_TOKENS
+        return Sample("generation", window[:split], context_tokens, "", tuple(window[split:]))
 
 
 def forced_tokens(context_tokens: int) -> int:

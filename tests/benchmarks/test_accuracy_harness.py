@@ -11,6 +11,7 @@ from bench_script import BENCHMARKS, run_quick
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
+from harness.tasks import FORCED_TASKS  # noqa: E402
 
 
 def test_agreement_counts_tokens_before_the_first_difference():
@@ -18,6 +19,8 @@ def test_agreement_counts_tokens_before_the_first_difference():
     assert accuracy.agreement(a, a) == 1.0
     assert accuracy.agreement(a, a[:8] + [-1] * 24) == 8 / accuracy.MAX_TOKENS
     assert accuracy.agreement(a, [-1] + a[1:]) == 0.0
+    # Long generation: over a longer stretch.
+    assert accuracy.agreement(a, a[:8] + [-1] * 24, length=256) == 8 / 256
 
 
 def test_top_k_kl_is_zero_for_equal_and_grows_with_disagreement():
@@ -100,7 +103,7 @@ def test_quick_grid_end_to_end(tmp_path, model_dir):
     assert set(rows) == {(m, t) for m in grid.methods for t in grid.tasks}
     for (method, task), row in rows.items():
         assert row["samples"] == grid.samples and row["context"] == grid.contexts[0]
-        if task == "loss":
+        if task in FORCED_TASKS:
             assert 0 < row["loss"] < 20 and row["kl"] >= 0
         else:
             assert 0 <= row["correct"] <= row["samples"]
@@ -109,6 +112,13 @@ def test_quick_grid_end_to_end(tmp_path, model_dir):
     assert rows[("full", "passkey-repeat")]["agreement"] == 1.0
     assert rows[("full", "loss")]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[("full", "loss")]["loss_delta"] == 0.0
+    # Long generation: the full cache agrees with itself over the free-run tokens,
+    # and the compressed caches, rewritten every 32 decode steps, move its forced
+    # positions' distributions.
+    assert rows[("full", "generation")]["agreement"] == 1.0
+    for method in ("evict", "quantized"):
+        assert rows[(method, "generation")]["kl"] > 1e-3
+        assert 0 <= rows[(method, "generation")]["agreement"] <= 1
     # The loss is taken on decode steps, which the compressed cache serves: at 25%
     # the forced positions' distributions move away from the full cache's.
     for method in ("evict", "quantized"):

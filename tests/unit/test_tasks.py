@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness import tasks
-from harness.tasks import RETRIEVAL_TASKS, TASKS, Sample, TaskGenerator, is_correct
+from harness.tasks import ALL_TASKS, FORCED_TASKS, RETRIEVAL_TASKS, TASKS, Sample, TaskGenerator, is_correct
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def generator(tokenizer):
     return TaskGenerator(tokenizer)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 @pytest.mark.parametrize("context", [1024, 2048])
 def test_samples_are_seeded_and_about_the_asked_length(generator, tokenizer, task, context):
     samples = generator.samples(task, context, 3, seed=0)
@@ -23,6 +23,11 @@ def test_samples_are_seeded_and_about_the_asked_length(generator, tokenizer, tas
     assert [s.prompt_ids for s in samples] != [s.prompt_ids for s in other]
     for s in samples:
         assert s.task == task and s.context == context
+        if task == "generation":
+            # A short prompt; the rest of the window is forced, one decode step each.
+            assert len(s.prompt_ids) == tasks.GENERATION_PROMPT_TOKENS
+            assert len(s.prompt_ids) + len(s.forced_ids) == context and s.answer == ""
+            continue
         assert 0.85 * context <= len(s.prompt_ids) <= 1.15 * context
         if task == "loss":
             # The prompt and its forced continuation are one window of the text.
@@ -71,5 +76,14 @@ def test_missing_text_names_the_debian_package(monkeypatch, tmp_path, tokenizer)
         TaskGenerator(tokenizer).samples("passkey-natural", 1024, 1, 0)
 
 
-def test_retrieval_tasks_are_all_tasks_but_loss():
+def test_tasks_are_retrieval_or_forced():
     assert set(TASKS) - set(RETRIEVAL_TASKS) == {"loss"}
+    assert set(ALL_TASKS) == set(RETRIEVAL_TASKS) | set(FORCED_TASKS)
+
+
+def test_generation_continues_its_prompt_in_the_text(generator):
+    text = generator.encode(tasks.long_text())
+    for s in generator.samples("generation", 1024, 2, seed=0):
+        window = [*s.prompt_ids, *s.forced_ids]
+        starts = [i for i in range(len(text) - len(window) + 1) if text[i] == window[0]]
+        assert any(text[i : i + len(window)] == window for i in starts)
