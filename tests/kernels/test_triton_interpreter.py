@@ -1,6 +1,7 @@
-"""Runs the Triton kernel tests (``test_triton_decode.py``) on the CPU under
-Triton's interpreter, in a process of their own: ``TRITON_INTERPRET`` must be set
-before triton is first imported, and must not reach this process's vLLM engines."""
+"""Runs the Triton kernel tests (``test_triton_decode.py``, ``test_triton_prefill.py``)
+on the CPU under Triton's interpreter, in a process of their own: ``TRITON_INTERPRET``
+must be set before triton is first imported, and must not reach this process's vLLM
+engines."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ pytest.importorskip("triton", reason="triton is not installed: no Triton decode 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU they run in this process")
 def test_triton_kernels_under_the_interpreter():
-    module = Path(__file__).with_name("test_triton_decode.py")
+    here = Path(__file__).parent
+    modules = [str(here / name) for name in ("test_triton_decode.py", "test_triton_prefill.py")]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(module)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=module.parents[2],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules],
+        capture_output=True, text=True, timeout=600, env=env, cwd=here.parents[1],
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
@@ -34,4 +36,20 @@ def test_triton_kernels_compile_for_the_gpu():
     proc = subprocess.run([sys.executable, str(script), "--compile-check"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "_split_kernel: ok" in proc.stdout, proc.stdout[-2000:]
+    assert "_split_kernel: ok" in proc.stdout and "_prefill_kernel: ok" in proc.stdout, \
+        proc.stdout[-2000:]
+
+
+def test_gpu_decode_benchmark_cases_under_the_interpreter():
+    """The GPU benchmark's smallest shape on the CPU: its exact case, the
+    compressed caches it builds at 25% and 10% (records in the pages, exact
+    slots after them) and a prompt chunk give SDPA's output over the same
+    (revived) tokens."""
+    script = Path(__file__).parents[2] / "benchmarks" / "gpu_decode.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("dry run:")]
+    assert len(lines) == 8 and sum("rec)" in line for line in lines) == 4, proc.stdout
+    assert sum("prefill" in line for line in lines) == 2, proc.stdout

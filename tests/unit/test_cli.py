@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from kvreviver_vllm.cli import DEFAULT_KV_CACHE_GIB, serve_command, serve_environment
+from kvreviver_vllm.cli import (
+    DEFAULT_KV_CACHE_GIB,
+    _serving_on_cpu,
+    serve_command,
+    serve_environment,
+)
 from kvreviver_vllm.host import fast_dtype
 
 
@@ -14,6 +19,20 @@ def test_serve_defaults():
                  f"--dtype {fast_dtype()}", "--max-model-len 8192", "--enforce-eager",
                  "--no-enable-prefix-caching", "--max-num-batched-tokens 512"):
         assert part in joined
+
+
+def test_this_host_serves_on_vllms_cpu_platform():
+    assert _serving_on_cpu()  # so test_serve_defaults saw the CPU defaults
+
+
+def test_gpu_keeps_vllms_compilation_and_dtype():
+    """On a GPU, vLLM compiles and captures piecewise CUDA graphs around the
+    backend's attention (it declares no CUDA-graph support of its own), and
+    picks the model's dtype: the CPU-only defaults are left out."""
+    cmd = serve_command("/m", [], on_cpu=False)
+    assert "--enforce-eager" not in cmd and "--dtype" not in cmd
+    assert " ".join(cmd).count("--attention-backend kvreviver") == 1
+    assert "--no-enable-prefix-caching" in cmd
 
 
 def test_user_flags_override_defaults():

@@ -52,7 +52,7 @@ def test_unknown_key_lists_allowed_keys():
         ({"value_bits": 2, "low_bits": 3}, "kvreviver.value_bits=2 cannot be combined with low_bits=3"),
         ({"sketch_rows": 0}, "kvreviver.sketch_rows=0 is out of range"),
         ({"sketch_buckets": 10**6}, "kvreviver.sketch_buckets=1000000 is out of range"),
-        ({"decode_kernel": "cuda"}, "kvreviver.decode_kernel='cuda' is not supported: allowed "
+        ({"attention_kernel": "cuda"}, "kvreviver.attention_kernel='cuda' is not supported: allowed "
                                     "values are auto, compiled, triton"),
         ({"score_window": 0}, "kvreviver.score_window=0 is out of range: expected an integer in [1, 8192]"),
         ({"candidates": "no"}, "kvreviver.candidates='no' is not a boolean"),
@@ -101,18 +101,18 @@ def test_environment_fallback_and_precedence():
         KVReviverConfig.from_sources({}, {"KVREVIVER_BUDGET": "0"})
 
 
-def test_decode_kernel_auto_is_triton_on_the_gpu_only():
+def test_attention_kernel_auto_is_triton_on_the_gpu_only():
     auto = KVReviverConfig()
-    assert auto.uses_triton_decode("cuda") and not auto.uses_triton_decode("cpu")
-    assert KVReviverConfig(decode_kernel="triton").uses_triton_decode("cpu")
-    assert not KVReviverConfig(decode_kernel="compiled").uses_triton_decode("cuda")
-    assert KVReviverConfig.from_sources({}, {"KVREVIVER_DECODE_KERNEL": "triton"}).decode_kernel == "triton"
+    assert auto.uses_triton("cuda") and not auto.uses_triton("cpu")
+    assert KVReviverConfig(attention_kernel="triton").uses_triton("cpu")
+    assert not KVReviverConfig(attention_kernel="compiled").uses_triton("cuda")
+    assert KVReviverConfig.from_sources({}, {"KVREVIVER_ATTENTION_KERNEL": "triton"}).attention_kernel == "triton"
 
 
 @pytest.mark.parametrize("key, value", [
     ("variant", "__import__('os').system('touch {marker}')"),
     ("variant", "{marker}"),
-    ("decode_kernel", "kvreviver_vllm.backend:{marker}"),
+    ("attention_kernel", "kvreviver_vllm.backend:{marker}"),
     ("budget", "__import__('os').system('touch {marker}') or 0.1"),
     ("candidates", "exec('open(\"{marker}\", \"w\")')"),
     ("sink", "open('{marker}').read()"),

@@ -108,3 +108,22 @@ def test_engine_config_refuses_what_compression_cannot_serve(model_dir):
     assert plugin.is_kvreviver_selected(config)
     with pytest.raises(ValueError, match="--kv-cache-dtype fp8 is not supported"):
         _engine_config(model_dir, kv_cache_dtype="fp8")
+
+
+def test_gpu_serving_captures_piecewise_cuda_graphs():
+    """vLLM's default CUDA-graph mode, resolved against the support the builder
+    declares, becomes piecewise graphs around attention: GPU serving needs no
+    eager mode (and no full graph replays this backend's host plan)."""
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    from kvreviver_vllm.backend import KVReviverBackend
+
+    builder = KVReviverBackend.get_builder_cls()
+    support = builder.get_cudagraph_support(None, None)
+    config = CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
+                               cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+    config.set_splitting_ops_for_v1(all2all_backend="naive")
+    resolved = config.resolve_cudagraph_mode_and_sizes(support, KVReviverBackend.get_name(),
+                                                       max_num_reqs=16)
+    assert resolved == CUDAGraphMode.PIECEWISE
