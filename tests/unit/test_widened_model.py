@@ -18,5 +18,8 @@ def test_widened_model_gives_the_default_models_logits(model_dir, tmp_path):
     ids = torch.randint(100, 40000, (1, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = default(ids).logits, wide(ids).logits
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    # Widening changes the GEMM shapes, so float32 sums run in another order, and that
+    # order differs by host (AVX2 vs AVX-512 kernels): 30 layers of it move logits
+    # (std ~4, max ~34) by up to ~4e-3. A wrong KV head mapping moves them by ~40.
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-3)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
