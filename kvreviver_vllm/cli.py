@@ -95,6 +95,11 @@ def tcmalloc_library() -> str | None:
     return next((path for path in TCMALLOC_PATHS if os.path.exists(path)), None)
 
 
+def preloads_tcmalloc(env) -> bool:
+    """``env``'s ``LD_PRELOAD`` names a TCMalloc (ours or the user's)."""
+    return "libtcmalloc" in env.get("LD_PRELOAD", "")
+
+
 def serve_environment(extra: list[str], environ, on_cpu: bool = True,
                       tcmalloc: str | None = None) -> dict[str, str]:
     """The server's environment. On CPU: the KV pool defaults to
@@ -107,8 +112,8 @@ def serve_environment(extra: list[str], environ, on_cpu: bool = True,
         return env
     if not _given("--kv-cache-memory-bytes", extra):
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
-    preload = env.get("LD_PRELOAD", "")
-    if tcmalloc and "libtcmalloc" not in preload:
+    if tcmalloc and not preloads_tcmalloc(env):
+        preload = env.get("LD_PRELOAD")
         env["LD_PRELOAD"] = f"{tcmalloc}:{preload}" if preload else tcmalloc
     return env
 
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     on_cpu = _serving_on_cpu()
     cmd = serve_command(model, extra, on_cpu)
     env = serve_environment(extra, os.environ, on_cpu, tcmalloc_library())
-    if on_cpu and "libtcmalloc" not in env.get("LD_PRELOAD", ""):
+    if on_cpu and not preloads_tcmalloc(env):
         logging.warning("TCMalloc not found at %s: under glibc malloc the server's memory "
                         "grows with load; install it ('apt-get install libtcmalloc-minimal4')",
                         ", ".join(TCMALLOC_PATHS))

@@ -31,8 +31,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 # `kvreviver serve` preloads; docs/reliability.md says why).
 missing=()
 [ -e /usr/share/games/fortunes/literature ] || missing+=(fortunes)
-[ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] \
-  || [ -e /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 ] || missing+=(libtcmalloc-minimal4)
+# Looked up where `kvreviver serve` looks for it (cli.TCMALLOC_PATHS).
+.venv/bin/python -c "import sys; from kvreviver_vllm.cli import tcmalloc_library as t; sys.exit(t() is None)" \
+  || missing+=(libtcmalloc-minimal4)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null
