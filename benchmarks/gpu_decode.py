@@ -356,17 +356,19 @@ def compile_check(arch: int = 90) -> None:
         signature = {n: "constexpr" if n in consts else types[n] for n in names}
         src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-        print(f"  {fn.__name__}: ok, {kernel.metadata.shared} B shared memory")
+        loads = kernel.asm["ptx"].count("ld.global")
+        print(f"  {fn.__name__}: ok, {kernel.metadata.shared} B shared memory, "
+              f"{loads} global loads in its PTX")
 
-    # Quantized: 4-bit codes unpack from whole words, 3-bit ones byte by byte.
-    for dt, quant, bits in [("bf16", False, 4), ("fp32", False, 4), ("bf16", True, 4),
-                            ("bf16", True, 3)]:
+    # Quantized: 4-bit codes, and 3-bit ones (3 words per 32 codes), unpack from whole words.
+    for dt, quant, bits, value_bits in [("bf16", False, 4, 4), ("fp32", False, 4, 4),
+                                        ("bf16", True, 4, 4), ("bf16", True, 3, 2)]:
         itemsize = 4 if dt == "fp32" else 2
-        print(f"sm_{arch} {dt}{f' quantized {bits}-bit' if quant else ''}:")
+        print(f"sm_{arch} {dt}{f' quantized {bits}/{value_bits}-bit' if quant else ''}:")
         for head_size, group in [(64, 3), (128, 4)]:
             width = 2 * head_size + layout.META_BYTES // itemsize
             compile_one(triton_decode._split_kernel, dict(
-                query=f"*{dt}", kv_cache=f"*{dt}", cache_u8="*u8", cache_i16="*i16",
+                query=f"*{dt}", kv_cache=f"*{dt}", cache_i16="*i16",
                 cache_i32="*i32", block_table="*i32",
                 lengths="*i32", exact_start="*i32", vague_tokens="*i32", part_max="*fp32",
                 part_sum="*fp32", part_acc="*fp32", logits="*fp32", qk_scale="fp32",
@@ -375,8 +377,9 @@ def compile_check(arch: int = 90) -> None:
             ), dict(
                 NUM_KV_HEADS=3, GROUP=group, GROUP_PAD=16, HEAD=head_size, BLOCK_SIZE=16,
                 WIDTH=width, SPLIT=256, TILE=64, SCORES=True, DOT_F32=dt == "fp32",
-                QUANT=quant, BITS=bits, VALUE_BITS=bits, CHANNELS=32,
-                RECORD=layout.record_bytes(head_size, bits, 32), SLOT_BYTES=width * itemsize,
+                QUANT=quant, BITS=bits, VALUE_BITS=value_bits, CHANNELS=32,
+                RECORD=layout.record_bytes(head_size, bits, 32, value_bits),
+                SLOT_BYTES=width * itemsize,
             ))
             if not quant:
                 compile_one(triton_prefill._prefill_kernel, dict(

@@ -38,7 +38,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from kvreviver_vllm import layout, ops, policy
+from kvreviver_vllm import layout, ops, policy, rotation
 from kvreviver_vllm.config import KVReviverConfig
 from kvreviver_vllm.plugin import BACKEND_NAME
 from kvreviver_vllm.schedule import (
@@ -269,8 +269,11 @@ class KVReviverAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self.config = KVReviverConfig.from_vllm_config(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        self.config = KVReviverConfig.from_vllm_config(vllm_config)
         KVReviverBackend.engine_config = self.config
+        self.rotates = self.config.rotates(vllm_config.model_config.max_model_len)
+        self.rotation: torch.Tensor | None = None  # [D, D] on the cache's device, set at bind
         install_seeded_sampling_fix()
         # Set on the first forward, from the cache's slot size, device and the layer's name.
         self.bound = False
@@ -304,24 +307,27 @@ class KVReviverAttentionImpl(AttentionImpl):
             return output
         md = attn_metadata
         num_tokens = md.num_actual_tokens
-        ops.write_kv(kv_cache, key[:num_tokens], value[:num_tokens], md.slot_mapping, md.positions)
         if not self.bound:
             self._bind(layer, kv_cache)
+        query, key, value = query[:num_tokens], key[:num_tokens], value[:num_tokens]
+        if self.rotation is not None:  # the cache holds rotated heads (rotation.py)
+            query, key, value = (self._rotate(x, self.rotation) for x in (query, key, value))
+        ops.write_kv(kv_cache, key, value, md.slot_mapping, md.positions)
         for row, start, end in md.rescored:
             layout.reset_scores(kv_cache, md.block_table[row], start, end)
         if self.triton is not None and self._attend_with_triton(
-                output[:num_tokens], query[:num_tokens], kv_cache, md):
+                output[:num_tokens], query, kv_cache, md):
             pass
         elif md.vague_tokens.any():
             self.store.attend(
-                output[:num_tokens], query[:num_tokens], kv_cache, md.block_table,
+                output[:num_tokens], query, kv_cache, md.block_table,
                 md.exact_start, md.seq_lens, md.vague_tokens, md.query_start_loc,
                 self.scale, md.score_window, self.layer_seed,
             )
         else:
             ops.paged_attention(
                 output[:num_tokens],
-                query[:num_tokens],
+                query,
                 kv_cache,
                 md.block_table,
                 md.seq_lens,
@@ -329,9 +335,15 @@ class KVReviverAttentionImpl(AttentionImpl):
                 self.scale,
                 md.score_window,
             )
+        if self.rotation is not None:
+            output[:num_tokens] = self._rotate(output[:num_tokens], self.rotation.T)
         for row, keep_exact, keep_vague in md.compactions:
             self.compact(kv_cache, md, row, keep_exact, keep_vague)
         return output
+
+    def _rotate(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """Each head vector of ``x [T, H, D]`` (or ``[T, H * D]``) times ``matrix``."""
+        return rotation.rotate(x.reshape(-1, self.head_size), matrix).view(x.shape)
 
     def _bind(self, layer: AttentionLayer, kv_cache: torch.Tensor) -> None:
         """Build the variant's store for this cache, seed its hashes by layer
@@ -339,6 +351,8 @@ class KVReviverAttentionImpl(AttentionImpl):
         slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
         self.store = make_store(self.config, self.head_size, slot_bytes, kv_cache.dtype)
         self.layer_seed = zlib.crc32(layer.layer_name.encode())
+        if self.rotates:
+            self.rotation = rotation.rotation_matrix(self.head_size).to(kv_cache.device)
         if self.config.uses_triton(kv_cache.device.type):
             # Needs triton: imported only here.
             from kvreviver_vllm.ops import triton_decode, triton_prefill

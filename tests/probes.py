@@ -122,6 +122,7 @@ def _wrap_with_checks(impl) -> None:
         if md is None or int(md.query_start_loc.diff().max()) != 1:
             return result
         compacted = {row for row, _, _ in md.compactions}
+        rotation = None if impl.rotation is None else impl.rotation.double()
         group = impl.num_heads // impl.num_kv_heads
         for row in range(len(md.seq_lens)):
             if row in compacted:
@@ -137,11 +138,16 @@ def _wrap_with_checks(impl) -> None:
                 values = torch.cat([torch.stack([v for _, v in revived]).double(), values], 1)
             t = int(md.query_start_loc[row])
             q = query[t].double().view(impl.num_kv_heads, group, d)
+            if rotation is not None:  # the cache holds rotated heads; the output is rotated back
+                q = q @ rotation
             want = exact_attention(q, keys, values, impl.scale).view(-1, d)
+            if rotation is not None:
+                want = want @ rotation.T
             err = (output[t].double().view(-1, d) - want).abs().max().item()
             # The output is rounded to the model dtype (bf16: 2**-8 relative).
             tolerance = 2e-2 * max(1.0, want.abs().max().item())
-            impl.store_checks.append(("decode", err < tolerance, nv, end - start))
+            impl.store_checks.append(("decode", err < tolerance, nv, end - start,
+                                      rotation is not None))
         return result
 
     impl.compact, impl.forward = checked_compact, checked_forward

@@ -69,6 +69,22 @@ inline void dequantize_4bit_avx2(const uint8_t* codes, const uint8_t* scale, con
 }
 #endif
 
+// dequantize for 3-bit codes in groups of a multiple of 8 channels: 8 codes fill
+// 3 bytes, read as one 24-bit word, so no code needs a test for straddling.
+inline void dequantize_3bit(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
+                            int64_t d, int64_t group, float* out) {
+  for (int64_t g = 0; g < d / group; ++g) {
+    const float s = half_to_float(scale + 2 * g), m = half_to_float(lo + 2 * g);
+    for (int64_t i = g * group; i < (g + 1) * group; i += 8) {
+      const uint8_t* b = codes + i / 8 * 3;
+      const uint32_t word = b[0] | static_cast<uint32_t>(b[1]) << 8 |
+                            static_cast<uint32_t>(b[2]) << 16;
+      for (int k = 0; k < 8; ++k)
+        out[i + k] = static_cast<float>((word >> (3 * k)) & 7u) * s + m;
+    }
+  }
+}
+
 // Unpacks `d` codes of `bits` bits from a little-endian bit stream and
 // dequantizes them with per-group (scale, min) into out[0, d).
 inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t* lo,
@@ -81,6 +97,9 @@ inline void dequantize(const uint8_t* codes, const uint8_t* scale, const uint8_t
 #endif
       return dequantize_aligned<4>(codes, scale, lo, d, group, out);
     case 8: return dequantize_aligned<8>(codes, scale, lo, d, group, out);
+    case 3:
+      if (group % 8 == 0) return dequantize_3bit(codes, scale, lo, d, group, out);
+      break;
     default: break;
   }
   const uint32_t mask = (1u << bits) - 1;

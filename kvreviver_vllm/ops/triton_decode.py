@@ -53,11 +53,11 @@ exact slots]``. A tile's record tokens are revived in pass 1 from the bytes of
 the request's first ``exact_start`` slots (records packed back to back, so a
 record may straddle slots and blocks, and each load is addressed through the
 block table). Records and slots are multiples of 4 bytes, so no 32-bit word
-straddles two slots: codes of 1, 2, 4 or 8 bits are loaded as whole words
-(``D * bits / 32`` per record half) and unpacked in registers (shift and mask,
+straddles two slots: codes are loaded as whole words (``D * bits / 32`` per
+record half; 3-bit codes as 3 words per 32 codes, a code that straddles two
+words taken from both) and unpacked in registers (shift and mask,
 little-endian), the float16 scale and min as one 16-bit load per group of
-channels spread over the group; 3-bit codes, which straddle words, are read one
-or two bytes per code. ``code * scale + min`` in float32, rounded to the
+channels spread over the group. ``code * scale + min`` in float32, rounded to the
 cache's dtype, so both dots run on the tensor cores as for exact slots (the
 rounding is far below 4-bit quantization's error). Pass 3 adds each record's
 received attention to its float32 score field (4-aligned, so within one slot).
@@ -128,7 +128,18 @@ def _stream_address(block_table, row_bt, kvh, offs, mask,
 
 
 @triton.jit
-def _stream_codes(cache_u8, cache_i32, block_table, row_bt, kvh, base, mask,
+def _stream_word(cache_i32, block_table, row_bt, kvh, at, mask,
+                 NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_BYTES: tl.constexpr):
+    """The 32-bit words at 4-aligned store offsets ``at [TILE, N]``, as uint32
+    ``[TILE, N, 1]``."""
+    addr = _stream_address(block_table, row_bt, kvh, at, mask, NUM_KV_HEADS, BLOCK_SIZE,
+                           SLOT_BYTES)
+    word = tl.load(cache_i32 + addr // 4, mask=mask, other=0)
+    return word.to(tl.uint32, bitcast=True)[:, :, None]
+
+
+@triton.jit
+def _stream_codes(cache_i32, block_table, row_bt, kvh, base, mask,
                   CODES: tl.constexpr, BITS: tl.constexpr, HEAD: tl.constexpr,
                   TILE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   SLOT_BYTES: tl.constexpr):
@@ -139,24 +150,31 @@ def _stream_codes(cache_u8, cache_i32, block_table, row_bt, kvh, base, mask,
         # bytes, so no word straddles two slots), unpacked in registers.
         PER: tl.constexpr = 32 // BITS
         words_at = base + CODES + 4 * tl.arange(0, HEAD * BITS // 32)[None, :]
-        addr = _stream_address(block_table, row_bt, kvh, words_at, mask,
-                               NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-        words = tl.load(cache_i32 + addr // 4, mask=mask, other=0)
-        shift = (tl.arange(0, PER) * BITS)[None, None, :]
-        codes = (words[:, :, None] >> shift) & ((1 << BITS) - 1)
+        words = _stream_word(cache_i32, block_table, row_bt, kvh, words_at, mask,
+                             NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+        shift = (tl.arange(0, PER) * BITS)[None, None, :].to(tl.uint32)
+        codes = ((words >> shift) & ((1 << BITS) - 1)).to(tl.int32)
         return tl.reshape(codes, [TILE, HEAD])
     else:
-        # 3-bit codes straddle words and bytes: one or two bytes per code.
-        bit = tl.arange(0, HEAD) * BITS
-        first = base + (CODES + bit // 8)[None, :]
-        addr = _stream_address(block_table, row_bt, kvh, first, mask,
-                               NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-        word = tl.load(cache_u8 + addr, mask=mask, other=0).to(tl.int32)
-        straddles = mask & ((bit % 8) + BITS > 8)[None, :]
-        addr = _stream_address(block_table, row_bt, kvh, first + 1, straddles,
-                               NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
-        word |= tl.load(cache_u8 + addr, mask=straddles, other=0).to(tl.int32) << 8
-        return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+        # 3 bits: 32 codes fill 3 whole words. Load each group's 3 words, and take
+        # code j from word 3j // 32, or from two words where it straddles them.
+        tl.static_assert(BITS == 3 and CODES % 4 == 0 and HEAD % 32 == 0)
+        GROUPS: tl.constexpr = HEAD // 32
+        words_at = base + CODES + 12 * tl.arange(0, GROUPS)[None, :]
+        w0 = _stream_word(cache_i32, block_table, row_bt, kvh, words_at, mask,
+                          NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+        w1 = _stream_word(cache_i32, block_table, row_bt, kvh, words_at + 4, mask,
+                          NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+        w2 = _stream_word(cache_i32, block_table, row_bt, kvh, words_at + 8, mask,
+                          NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
+        bit = (tl.arange(0, 32) * 3)[None, None, :]
+        at = bit // 32
+        low = tl.where(at == 0, w0, tl.where(at == 1, w1, w2)) >> (bit % 32).to(tl.uint32)
+        # The next word's low bits where the code straddles (shift 1 or 2, never 32).
+        spill = (32 - bit % 32).to(tl.uint32)
+        high = tl.where(bit % 32 > 29, tl.where(at == 0, w1, w2) << (spill % 32), 0)
+        codes = ((low | high) & 7).to(tl.int32)
+        return tl.reshape(codes, [TILE, HEAD])
 
 
 @triton.jit
@@ -177,7 +195,7 @@ def _stream_params(cache_i16, block_table, row_bt, kvh, base, mask, AT: tl.const
 
 
 @triton.jit
-def _revive(cache_u8, cache_i16, cache_i32, block_table, row_bt, kvh, rec, mask,
+def _revive(cache_i16, cache_i32, block_table, row_bt, kvh, rec, mask,
             CODES: tl.constexpr, PARAM: tl.constexpr, BITS: tl.constexpr, HEAD: tl.constexpr,
             CHANNELS: tl.constexpr, PARAMS_AT: tl.constexpr, RECORD: tl.constexpr,
             TILE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -188,7 +206,7 @@ def _revive(cache_u8, cache_i16, cache_i32, block_table, row_bt, kvh, rec, mask,
     group each)."""
     base = rec.to(tl.int64)[:, None] * RECORD
     m2 = mask[:, None]
-    code = _stream_codes(cache_u8, cache_i32, block_table, row_bt, kvh, base, m2, CODES, BITS,
+    code = _stream_codes(cache_i32, block_table, row_bt, kvh, base, m2, CODES, BITS,
                          HEAD, TILE, NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
     GROUPS: tl.constexpr = HEAD // CHANNELS
     scale = _stream_params(cache_i16, block_table, row_bt, kvh, base, m2,
@@ -215,7 +233,7 @@ def _request_span(r, lengths, exact_start, vague_tokens, QUANT: tl.constexpr):
 
 @triton.jit
 def _split_kernel(
-    query, kv_cache, cache_u8, cache_i16, cache_i32, block_table, lengths, exact_start,
+    query, kv_cache, cache_i16, cache_i32, block_table, lengths, exact_start,
     vague_tokens, part_max, part_sum, part_acc, logits,
     qk_scale,
     stride_qr, stride_qh, stride_bt,
@@ -264,7 +282,7 @@ def _split_kernel(
             k = k.to(tl.float32)
         if QUANT:
             vague = valid & (offs < num_vague)
-            kq = _revive(cache_u8, cache_i16, cache_i32, block_table, row_bt, kvh, offs, vague,
+            kq = _revive(cache_i16, cache_i32, block_table, row_bt, kvh, offs, vague,
                          0, 0, BITS, HEAD, CHANNELS, HEAD * (BITS + VALUE_BITS) // 8, RECORD,
                          TILE, NUM_KV_HEADS, BLOCK_SIZE, SLOT_BYTES)
             k = tl.where(vague[:, None], kq.to(k.dtype), k)
@@ -284,7 +302,7 @@ def _split_kernel(
         if DOT_F32:
             v = v.to(tl.float32)
         if QUANT:
-            vq = _revive(cache_u8, cache_i16, cache_i32, block_table, row_bt, kvh, offs, vague,
+            vq = _revive(cache_i16, cache_i32, block_table, row_bt, kvh, offs, vague,
                          HEAD * BITS // 8, 2, VALUE_BITS, HEAD, CHANNELS,
                          HEAD * (BITS + VALUE_BITS) // 8, RECORD, TILE, NUM_KV_HEADS,
                          BLOCK_SIZE, SLOT_BYTES)
@@ -489,8 +507,7 @@ def _launch(out, query, kv_cache, block_table, lengths, exact_start, vague_token
         logits = stats = part_max  # unused placeholders
 
     _split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        query, kv_cache, kv_cache.view(torch.uint8), kv_cache.view(torch.int16),
-        kv_cache.view(torch.int32), block_table, lengths, exact_start, vague_tokens, part_max, part_sum, part_acc, logits,
+        query, kv_cache, kv_cache.view(torch.int16), kv_cache.view(torch.int32), block_table, lengths, exact_start, vague_tokens, part_max, part_sum, part_acc, logits,
         scale * LOG2E,
         query.stride(0), query.stride(1), block_table.stride(0),
         num_splits, max_len,

@@ -54,14 +54,19 @@ def test_uniform_bits_is_the_widest_width_that_holds_every_token():
     assert accuracy.uniform_bits(0.1, 2048, 64, slot_bytes, 68) is None
     assert accuracy.engine_kwargs("uniform", 0.1, None) is None
     section = accuracy.engine_kwargs("uniform", 0.25, 2)["additional_config"]["kvreviver"]
-    assert section == {"budget": 0.25, "variant": "quantized", "candidates": False, "bits": 2}
+    assert section == {"budget": 0.25, "variant": "quantized", "candidates": False, "bits": 2,
+                       "value_bits": 2}
 
 
 def test_knobs_reach_every_kvreviver_method_and_are_checked():
     knobs = accuracy.parse_knobs(["recent=32", "score_window=128"])
     assert knobs == {"recent": 32, "score_window": 128}
     section = accuracy.engine_kwargs("quantized-3bit", 0.1, None, knobs)["additional_config"]["kvreviver"]
-    assert section == {"budget": 0.1, "recent": 32, "score_window": 128, "variant": "quantized", "bits": 3}
+    assert section == {"budget": 0.1, "recent": 32, "score_window": 128, "variant": "quantized",
+                       "bits": 3, "value_bits": 3}
+    # quantized-Nbit: keys at N bits, values too unless --set value_bits says otherwise.
+    section = accuracy.engine_kwargs("quantized-4bit", 0.1, None, {"value_bits": 2})
+    assert section["additional_config"]["kvreviver"]["value_bits"] == 2
     assert accuracy.engine_kwargs("full", None, None, knobs) == {}  # stock vLLM: untouched
     # evict stays SnapKV (3 either side); evict-ahead takes the config's ranking.
     ahead = accuracy.parse_knobs(["pool_after=16"])

@@ -183,7 +183,8 @@ def test_a_failing_kernel_stops_the_engine_cleanly(model_dir, tokenizer):
 @pytest.mark.parametrize("variant, extra", [
     ("quantized", {}), ("sketch", {}), ("evict", {}),
     ("quantized", {"low_bits": 3}),  # the mixed-width research store
-], ids=["quantized", "sketch", "evict", "mixed"])
+    ("quantized", {"bits": 3, "value_bits": 2, "rotate": True}),  # the long-context store
+], ids=["quantized", "sketch", "evict", "mixed", "long-context"])
 def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, variant, extra):
     """Checks run inside the worker on the real paged cache (see
     harness.probes.install_store_checks): every compaction keeps the
@@ -210,6 +211,7 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
     assert len(compactions) >= 3 * 2 and len(decodes) >= 3 * 20
     assert all(c[1] for c in compactions), [c for c in compactions if not c[1]][:5]
     assert all(c[1] for c in decodes), [c for c in decodes if not c[1]][:5]
+    assert all(c[4] == extra.get("rotate", False) for c in decodes)  # rotated heads where set
     if variant != "evict":
         assert any(c[3] > 0 for c in compactions)  # tokens went to the store
         assert any(c[2] > 0 for c in decodes)  # and were revived while decoding

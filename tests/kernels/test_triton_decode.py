@@ -165,6 +165,7 @@ QUANT_CASES = [
     ([50], [30], 3, 1, 32, torch.bfloat16, 2, 2, 0, 32),
     ([33], [10], 4, 1, 16, torch.float32, 8, 8, 1, 16),
     ([45], [12], 3, 1, 16, torch.float32, 4, 2, 1, 16),
+    ([45, 20], [12, 40], 3, 1, 16, torch.bfloat16, 3, 2, 1, 16),
 ]
 
 
@@ -173,8 +174,7 @@ QUANT_CASES = [
     QUANT_CASES,
 )
 def test_decode_quantized_matches_reference(vague, exact, gqa, num_kv_heads, block_size, dtype,
-                                            bits, value_bits, score_window, split):
-    head_size = 64
+                                            bits, value_bits, score_window, split, head_size=64):
     gen = torch.Generator().manual_seed(sum(vague) + bits)
     cache, table, store, pages = build_quantized(vague, exact, num_kv_heads, head_size,
                                                  block_size, dtype, bits, value_bits, gen)
@@ -201,3 +201,10 @@ def test_decode_quantized_matches_reference(vague, exact, gqa, num_kv_heads, blo
     assert torch.equal(got_bytes, want_bytes)  # all else byte for byte
     if score_window == 0:
         assert torch.equal(tri_cache.view(torch.uint8), cache.view(torch.uint8))
+
+
+@pytest.mark.parametrize("head_size", [32, 128])
+def test_decode_quantized_3bit_codes_of_other_head_sizes(head_size):
+    """3-bit codes are read as whole words, 3 per 32 codes, at every head size."""
+    test_decode_quantized_matches_reference([37, 9], [11, 30], 2, 2, 16, torch.float32, 3, 2,
+                                            1, 16, head_size=head_size)

@@ -56,6 +56,7 @@ def test_unknown_key_lists_allowed_keys():
                                     "values are auto, compiled, triton"),
         ({"score_window": 0}, "kvreviver.score_window=0 is out of range: expected an integer in [1, 8192]"),
         ({"candidates": "no"}, "kvreviver.candidates='no' is not a boolean"),
+        ({"rotate": 1}, "kvreviver.rotate=1 is not a boolean: expected true or false"),
         ({"candidate_share": 1.5}, "kvreviver.candidate_share=1.5 is out of range: expected a number in [0, 1]"),
         ({"candidate_share": True}, "kvreviver.candidate_share=True is out of range"),
         ({"low_bits": 4}, "kvreviver.low_bits=4 is not supported: allowed values are 0 (off) or one of 2, 3 (below bits=4)"),
