@@ -135,9 +135,10 @@ def score_error(cache, table, lens, query, scale) -> float:
     return (got - want).abs().max().item()
 
 
-def compressed_case(keys, values, budget, block_size, dtype, seed=0):
+def compressed_case(keys, values, budget, block_size, dtype, bits, value_bits, seed=0):
     """What each request (dense ``keys/values [B, Hkv, context, D]``) holds after
-    a compaction to ``budget`` with the default config: its oldest ``records``
+    a compaction to ``budget`` with the default config, records of ``bits``-bit
+    keys and ``value_bits``-bit values: its oldest ``records``
     tokens as records in its vague-store pages, its newest ``exact`` as exact
     slots. Returns the paged cache, block table, ``(pages, seq_lens, records)``
     per request and the revived dense K/V the kernel must attend to."""
@@ -146,7 +147,7 @@ def compressed_case(keys, values, budget, block_size, dtype, seed=0):
     config = KVReviverConfig()
     width = layout.slot_width(head_size, dtype)
     slot_bytes = width * torch.empty((), dtype=dtype).element_size()
-    store = reference.QuantizedRecords(head_size, config.bits, slot_bytes, config.value_bits)
+    store = reference.QuantizedRecords(head_size, bits, slot_bytes, value_bits)
     exact, records = policy.split_budget(
         budget_tokens(budget, context, config.floor_tokens), context, 0, config.floor_tokens,
         store, config.candidates, config.candidate_share)
@@ -175,8 +176,6 @@ def compressed_case(keys, values, budget, block_size, dtype, seed=0):
     cache = torch.zeros(num_blocks, num_kv, block_size, width, dtype=dtype, device=device)
     cache[table.long()] = slots.view(dtype).view(batch, num_kv, per_req, block_size,
                                                  width).transpose(1, 2)
-    positions, scores = layout.slot_meta(cache)
-    scores.zero_()
     shape = (batch,)
     spans = (torch.full(shape, pages, dtype=torch.int32, device=device),
              torch.full(shape, pages + exact, dtype=torch.int32, device=device),
@@ -215,7 +214,7 @@ def run_shape(num_q, num_kv, head_size, batch, context, args, device) -> list[di
         else:
             del cache  # the full paged cache: not needed any more
             cache, table, spans, dense_k, dense_v, held = compressed_case(
-                keys, values, budget, args.block_size, dtype)
+                keys, values, budget, args.block_size, dtype, args.bits, args.value_bits)
             pages, seq_lens, records = spans
             want = sdpa(query.float(), dense_k, dense_v, scale)
             del dense_k, dense_v
@@ -223,7 +222,7 @@ def run_shape(num_q, num_kv, head_size, batch, context, args, device) -> list[di
             def kernel(score_window):
                 triton_decode.paged_decode_attention_quantized(
                     out, query, cache, table, pages, seq_lens, records, scale, score_window,
-                    KVReviverConfig().bits, layout.record_group(head_size),
+                    args.bits, layout.record_group(head_size), args.value_bits,
                     split_size=args.split_size, max_tokens=held["records"] + held["exact"])
         for score_window in SCORE_WINDOWS:
             kernel(score_window)
@@ -417,6 +416,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--split-size", type=int, default=None, help="default: chosen per case")
+    parser.add_argument("--bits", type=int, default=KVReviverConfig().bits,
+                        help="the store's key bits (default: the config's)")
+    parser.add_argument("--value-bits", type=int, default=KVReviverConfig().value_bits,
+                        help="the store's value bits (0: --bits); the long-context store: "
+                        "--bits 3 --value-bits 2")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true",
@@ -468,8 +472,9 @@ def main() -> int:
               f"{'met' if target['met'] else 'NOT met'}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=__import__("triton").__version__, cases=rows, prefill=prefill_rows,
-                  targets=targets)
+                  triton=__import__("triton").__version__,
+                  store=dict(bits=args.bits, value_bits=args.value_bits or args.bits),
+                  cases=rows, prefill=prefill_rows, targets=targets)
     (args.out / "gpu_decode.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / 'gpu_decode.json'}")
     return 0 if all(row["ok"] for row in rows + prefill_rows) else 1

@@ -40,15 +40,17 @@ def test_triton_kernels_compile_for_the_gpu():
         proc.stdout[-2000:]
 
 
-def test_gpu_decode_benchmark_cases_under_the_interpreter():
+@pytest.mark.parametrize("widths", [[], ["--bits", "3", "--value-bits", "2"]],
+                         ids=["default", "long-context"])
+def test_gpu_decode_benchmark_cases_under_the_interpreter(widths):
     """The GPU benchmark's smallest shape on the CPU: its exact case, the
     compressed caches it builds at 25% and 10% (records in the pages, exact
-    slots after them) and a prompt chunk give SDPA's output over the same
-    (revived) tokens."""
+    slots after them; records that straddle slots with the long-context
+    widths) and a prompt chunk give SDPA's output over the same (revived) tokens."""
     script = Path(__file__).parents[2] / "benchmarks" / "gpu_decode.py"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True,
-                          text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, str(script), "--dry-run", *widths],
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("dry run:")]
     assert len(lines) == 8 and sum("rec)" in line for line in lines) == 4, proc.stdout
