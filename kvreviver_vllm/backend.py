@@ -272,8 +272,9 @@ class KVReviverAttentionImpl(AttentionImpl):
         vllm_config = get_current_vllm_config()
         self.config = KVReviverConfig.from_vllm_config(vllm_config)
         KVReviverBackend.engine_config = self.config
-        self.rotates = self.config.rotates(vllm_config.model_config.max_model_len)
-        self.rotation: torch.Tensor | None = None  # [D, D] on the cache's device, set at bind
+        # [D, D] where the cache holds rotated heads (moved to the cache's device at bind).
+        self.rotation = (rotation.rotation_matrix(head_size)
+                         if self.config.rotates(vllm_config.model_config.max_model_len) else None)
         install_seeded_sampling_fix()
         # Set on the first forward, from the cache's slot size, device and the layer's name.
         self.bound = False
@@ -311,7 +312,7 @@ class KVReviverAttentionImpl(AttentionImpl):
             self._bind(layer, kv_cache)
         query, key, value = query[:num_tokens], key[:num_tokens], value[:num_tokens]
         if self.rotation is not None:  # the cache holds rotated heads (rotation.py)
-            query, key, value = (self._rotate(x, self.rotation) for x in (query, key, value))
+            query, key, value = (rotation.rotate(x, self.rotation) for x in (query, key, value))
         ops.write_kv(kv_cache, key, value, md.slot_mapping, md.positions)
         for row, start, end in md.rescored:
             layout.reset_scores(kv_cache, md.block_table[row], start, end)
@@ -336,14 +337,10 @@ class KVReviverAttentionImpl(AttentionImpl):
                 md.score_window,
             )
         if self.rotation is not None:
-            output[:num_tokens] = self._rotate(output[:num_tokens], self.rotation.T)
+            output[:num_tokens] = rotation.rotate(output[:num_tokens], self.rotation.T)
         for row, keep_exact, keep_vague in md.compactions:
             self.compact(kv_cache, md, row, keep_exact, keep_vague)
         return output
-
-    def _rotate(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        """Each head vector of ``x [T, H, D]`` (or ``[T, H * D]``) times ``matrix``."""
-        return rotation.rotate(x.reshape(-1, self.head_size), matrix).view(x.shape)
 
     def _bind(self, layer: AttentionLayer, kv_cache: torch.Tensor) -> None:
         """Build the variant's store for this cache, seed its hashes by layer
@@ -351,8 +348,8 @@ class KVReviverAttentionImpl(AttentionImpl):
         slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
         self.store = make_store(self.config, self.head_size, slot_bytes, kv_cache.dtype)
         self.layer_seed = zlib.crc32(layer.layer_name.encode())
-        if self.rotates:
-            self.rotation = rotation.rotation_matrix(self.head_size).to(kv_cache.device)
+        if self.rotation is not None:
+            self.rotation = self.rotation.to(kv_cache.device)
         if self.config.uses_triton(kv_cache.device.type):
             # Needs triton: imported only here.
             from kvreviver_vllm.ops import triton_decode, triton_prefill

@@ -39,5 +39,7 @@ def rotation_matrix(head_size: int) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``x [..., D] @ matrix`` in float32, back in ``x``'s dtype."""
-    return (x.float() @ matrix).to(x.dtype)
+    """Each head vector of ``x`` (``[..., D]``, or heads flattened as
+    ``[T, H * D]``) times ``matrix [D, D]``, in float32, back in ``x``'s dtype."""
+    heads = x.reshape(-1, matrix.shape[0]).float()
+    return (heads @ matrix).to(x.dtype).view(x.shape)

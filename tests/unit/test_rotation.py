@@ -43,6 +43,8 @@ def test_rotate_keeps_shape_and_dtype():
     y = rotate(x, rotation_matrix(64))
     assert y.shape == x.shape and y.dtype == torch.bfloat16
     torch.testing.assert_close(rotate(y, rotation_matrix(64).T), x, atol=0.05, rtol=0.02)
+    flat = x.view(5, 3 * 64)  # heads flattened, as vLLM may pass them
+    assert torch.equal(rotate(flat, rotation_matrix(64)), y.view(5, 3 * 64))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
