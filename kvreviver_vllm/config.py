@@ -26,6 +26,7 @@ ENV_PREFIX = "KVREVIVER_"
 VARIANTS = ("quantized", "sketch", "evict", "streaming")
 ATTENTION_KERNELS = ("auto", "compiled", "triton")
 QUANT_BITS = (2, 3, 4, 8)
+RECORD_GROUPS = (16, 32, 64, 128)
 # An absolute token budget smaller than this cannot hold sink + recent tokens.
 MIN_BUDGET_TOKENS = 16
 
@@ -64,6 +65,11 @@ class KVReviverConfig:
     """Bit width of the store's values (0: ``bits``). Attention weights average
     value errors while key errors move the weights themselves, so values may
     take fewer bits than keys for more tokens held at the same bytes."""
+    record_group: int = 0
+    """Channels sharing one float16 scale and min in the store's records (0:
+    ``layout.record_group``: 32, or 16 where 32 does not divide the head size).
+    Wider groups make records smaller (more tokens held), coarser where a head
+    has outlier channels (``rotate`` spreads them)."""
     rotate: bool = False
     """Rotate every head's keys, values and queries by a fixed orthogonal matrix
     (``rotation.py``) where the quantized store holds records, so that outlier
@@ -86,6 +92,9 @@ class KVReviverConfig:
     lower-ranked records (0: one width)."""
     high_share: float = 0.5
     """With ``low_bits``: share of the store's records kept at ``bits``."""
+    merge_share: float = 0.0
+    """Research (PyTorch only): where the store must drop tokens, the share of
+    its records that summarize the dropped ones (``stores/merged.py``; 0: off)."""
     sketch_rows: int = 3
     """Rows (independent hashes) of the Count Sketch variant."""
     sketch_buckets: int = 64
@@ -119,6 +128,14 @@ class KVReviverConfig:
                 f"kvreviver.value_bits={self.value_bits!r} is not supported: allowed values are 0 "
                 f"(same as bits) or {', '.join(map(str, QUANT_BITS))}"
             )
+        if self.record_group != 0 and (
+            isinstance(self.record_group, bool) or self.record_group not in RECORD_GROUPS
+        ):
+            raise KVReviverConfigError(
+                f"kvreviver.record_group={self.record_group!r} is not supported: allowed values "
+                f"are 0 (32, or 16 where 32 does not divide the head size) or "
+                f"{', '.join(map(str, RECORD_GROUPS))} (dividing the head size)"
+            )
         for key in ("rotate", "candidates"):
             if not isinstance(getattr(self, key), bool):
                 raise KVReviverConfigError(
@@ -141,6 +158,12 @@ class KVReviverConfig:
                 f"at one width per record (set value_bits to 0)"
             )
         _check_fraction("high_share", self.high_share)
+        _check_fraction("merge_share", self.merge_share)
+        if self.merge_share and self.low_bits:
+            raise KVReviverConfigError(
+                f"kvreviver.merge_share={self.merge_share!r} cannot be combined with "
+                f"low_bits={self.low_bits!r}: summaries are records of one width (set one to 0)"
+            )
         _check_choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         _check_int("sketch_rows", self.sketch_rows, 1, 16)
         _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
@@ -279,6 +302,6 @@ def _parse_env_value(name: str, raw: str) -> Any:
         raise KVReviverConfigError(
             f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number"
         ) from None
-    if name in ("budget", "candidate_share", "high_share"):
+    if name in ("budget", "candidate_share", "high_share", "merge_share"):
         return number
     return int(number) if number.is_integer() else number

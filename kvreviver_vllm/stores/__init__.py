@@ -10,13 +10,14 @@ import logging
 
 import torch
 
-from kvreviver_vllm.config import KVReviverConfig
+from kvreviver_vllm.config import RECORD_GROUPS, KVReviverConfig, KVReviverConfigError
 from kvreviver_vllm.stores.base import VagueStore
 from kvreviver_vllm.stores.count_sketch import CountSketchStore
+from kvreviver_vllm.stores.merged import MergedQuantizedStore
 from kvreviver_vllm.stores.mixed import MixedQuantizedStore
 from kvreviver_vllm.stores.quantized import QuantizedStore
 
-__all__ = ["CountSketchStore", "MixedQuantizedStore", "QuantizedStore", "VagueStore", "make_store"]
+__all__ = ["CountSketchStore", "MergedQuantizedStore", "MixedQuantizedStore", "QuantizedStore", "VagueStore", "make_store"]
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -24,13 +25,23 @@ logger = logging.getLogger(f"vllm.{__name__}")
 def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
                dtype: torch.dtype) -> VagueStore | None:
     """The variant's vague store, or None for the variants without one."""
+    if config.variant == "quantized" and config.merge_share:
+        _warn_research_store("merge_share", config.merge_share)
+        return MergedQuantizedStore(head_size, config.bits, config.merge_share, slot_bytes,
+                                    config.value_bits, config.pool_before, config.pool_after)
     if config.variant == "quantized" and config.low_bits:
-        _warn_research_store(config.low_bits)
+        _warn_research_store("low_bits", config.low_bits)
         return MixedQuantizedStore(head_size, config.bits, config.low_bits, config.high_share,
                                    slot_bytes, config.pool_before, config.pool_after)
     if config.variant == "quantized":
+        if config.record_group and head_size % config.record_group:
+            raise KVReviverConfigError(
+                f"kvreviver.record_group={config.record_group} does not divide the model's "
+                f"head size {head_size}: allowed values are 0 or "
+                f"{', '.join(str(g) for g in RECORD_GROUPS if head_size % g == 0)}"
+            )
         return QuantizedStore(head_size, config.bits, slot_bytes, config.value_bits,
-                              config.pool_before, config.pool_after)
+                              config.pool_before, config.pool_after, config.record_group)
     if config.variant == "sketch":
         return CountSketchStore(head_size, config.sketch_rows, config.sketch_buckets, slot_bytes,
                                 dtype)
@@ -38,6 +49,6 @@ def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
 
 
 @functools.cache  # once per process, not once per layer
-def _warn_research_store(low_bits: int) -> None:
-    logger.warning("kvreviver.low_bits=%d: the mixed-width store is a research store and runs "
-                   "the PyTorch reference ops (slow)", low_bits)
+def _warn_research_store(key: str, value: float) -> None:
+    logger.warning("kvreviver.%s=%s: a research store, run by the PyTorch reference ops (slow)",
+                   key, value)

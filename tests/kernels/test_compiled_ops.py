@@ -110,9 +110,11 @@ def test_paged_attention_quantized_matches_reference(
     exact = data.draw(st.lists(st.integers(1, 200), min_size=num_reqs, max_size=num_reqs))
     q_lens = [data.draw(st.integers(1, min(n, 20))) for n in exact]
     score_window = data.draw(st.sampled_from([0, 1, 4, 32]))
+    group = data.draw(st.sampled_from([0, 64, head_size]))  # 0: layout.record_group
     check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, head_size,
                               block_size, dtype, score_window,
-                              seed=data.draw(st.integers(0, 2**31 - 1)), value_bits=value_bits)
+                              seed=data.draw(st.integers(0, 2**31 - 1)), value_bits=value_bits,
+                              group=group)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -134,13 +136,14 @@ def test_quantized_decode_split_across_threads_matches_reference(threads, num_kv
 
 
 def check_quantized_attention(vague, exact, q_lens, bits, gqa, num_kv_heads, head_size,
-                              block_size, dtype, score_window, seed, value_bits=0):
+                              block_size, dtype, score_window, seed, value_bits=0, group=0):
     """The compiled quantized attention against the reference: outputs, exact-slot
     scores and record scores, for requests with ``vague`` records, ``exact`` slots
-    and ``q_lens`` new tokens (values at ``value_bits``, 0: ``bits``)."""
+    and ``q_lens`` new tokens (values at ``value_bits``, 0: ``bits``; channel
+    groups of ``group``, 0: the default)."""
     gen = torch.Generator().manual_seed(seed)
     slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = QuantizedStore(head_size, bits, slot_bytes, value_bits)
+    store = QuantizedStore(head_size, bits, slot_bytes, value_bits, group=group)
     pages = [store.slots_for(n) for n in vague]
     cache, table, _, _ = build_cache(
         [p + e for p, e in zip(pages, exact)], num_kv_heads, head_size, block_size, dtype, gen
@@ -199,7 +202,7 @@ def test_quantized_attention_rejects_an_overfull_store():
     head_size=st.sampled_from([64, 128]),
     bits=st.sampled_from([2, 3, 4, 8]),
     value_bits=st.sampled_from([0, 2, 3, 4, 8]),
-    group=st.sampled_from([16, 32]),
+    group=st.sampled_from([16, 32, 64]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -310,16 +313,17 @@ def _tied_scores(gen, *shape):
     head_size=st.sampled_from([64, 128]),
     block_size=st.sampled_from([16, 32, 128]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    group=st.sampled_from([0, 64]),  # 0: layout.record_group
 )
 def test_compact_quantized_matches_reference(data, bits, value_bits, pool, num_kv_heads,
-                                             head_size, block_size, dtype):
+                                             head_size, block_size, dtype, group):
     num_vague = data.draw(st.integers(0, 300))
     num_exact = data.draw(st.integers(1, 200))
     num_kept = data.draw(st.integers(0, num_exact))
     keep_vague = data.draw(st.integers(0, num_vague + num_exact - num_kept))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = QuantizedStore(head_size, bits, slot_bytes, value_bits, *pool)
+    store = QuantizedStore(head_size, bits, slot_bytes, value_bits, *pool, group)
     pages = store.slots_for(num_vague)
     # Positions near 8192; old records interleave with the exact tokens.
     order = torch.randperm(num_vague + num_exact, generator=gen) + 8192 - num_vague - num_exact
