@@ -92,9 +92,6 @@ class KVReviverConfig:
     lower-ranked records (0: one width)."""
     high_share: float = 0.5
     """With ``low_bits``: share of the store's records kept at ``bits``."""
-    merge_share: float = 0.0
-    """Research (PyTorch only): where the store must drop tokens, the share of
-    its records that summarize the dropped ones (``stores/merged.py``; 0: off)."""
     sketch_rows: int = 3
     """Rows (independent hashes) of the Count Sketch variant."""
     sketch_buckets: int = 64
@@ -157,13 +154,13 @@ class KVReviverConfig:
                 f"low_bits={self.low_bits!r}: the mixed-width store keeps keys and values "
                 f"at one width per record (set value_bits to 0)"
             )
-        _check_fraction("high_share", self.high_share)
-        _check_fraction("merge_share", self.merge_share)
-        if self.merge_share and self.low_bits:
+        if self.low_bits and self.record_group:
             raise KVReviverConfigError(
-                f"kvreviver.merge_share={self.merge_share!r} cannot be combined with "
-                f"low_bits={self.low_bits!r}: summaries are records of one width (set one to 0)"
+                f"kvreviver.record_group={self.record_group!r} cannot be combined with "
+                f"low_bits={self.low_bits!r}: the mixed-width store keeps the default groups "
+                f"(set record_group to 0)"
             )
+        _check_fraction("high_share", self.high_share)
         _check_choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         _check_int("sketch_rows", self.sketch_rows, 1, 16)
         _check_int("sketch_buckets", self.sketch_buckets, 1, 65536)
@@ -302,6 +299,6 @@ def _parse_env_value(name: str, raw: str) -> Any:
         raise KVReviverConfigError(
             f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number"
         ) from None
-    if name in ("budget", "candidate_share", "high_share", "merge_share"):
+    if name in ("budget", "candidate_share", "high_share"):
         return number
     return int(number) if number.is_integer() else number

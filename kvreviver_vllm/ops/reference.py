@@ -124,8 +124,7 @@ def revived_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Te
                       seq_lens: torch.Tensor, vague_tokens: torch.Tensor,
                       query_start_loc: torch.Tensor, scale: float, score_window: int, store,
                       layer_seed: int) -> None:
-    """Attention over any vague store (``store``: ``revive``, ``logit_bias``,
-    ``add_attention``).
+    """Attention over any vague store (``store``: ``revive``, ``add_attention``).
 
     One softmax per query over the request's revived vague tokens
     (reconstructed by ``store`` from its pages; all older than every query of the
@@ -146,20 +145,14 @@ def revived_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Te
         exact = slot_range(kv_cache, block_table[r], p, end)
         keys, values = exact[..., :head_size].float(), exact[..., head_size : 2 * head_size].float()
         pages = store_pages(kv_cache, block_table[r], p) if nv else None
-        bias = None
         if pages is not None:
             revived = [store.revive(pages[h], nv, head_seed(layer_seed, h)) for h in range(num_kv_heads)]
             keys = torch.cat([torch.stack([k for k, _ in revived]), keys], dim=1)
             values = torch.cat([torch.stack([v for _, v in revived]), values], dim=1)
-            biases = [store.logit_bias(pages[h], nv) for h in range(num_kv_heads)]
-            if biases[0] is not None:
-                bias = torch.stack(biases).repeat_interleave(group, 0)[:, None]  # [Hq, 1, nv]
         keys = keys.repeat_interleave(group, 0)
         values = values.repeat_interleave(group, 0)
         q = query[q0:q1].transpose(0, 1).float()
         logits = (q @ keys.transpose(1, 2)) * scale  # [Hq, n, nv + exact]
-        if bias is not None:
-            logits[..., :nv] += bias
         num_exact = end - p
         rows = torch.arange(n, device=q.device)[:, None]
         cols = torch.arange(nv + num_exact, device=q.device)[None, :] - nv  # vague < 0
@@ -345,9 +338,6 @@ class QuantizedRecords:
     def revive(self, pages: torch.Tensor, num_tokens: int, seed: int):
         keys, values, _, _ = self.decode(self.from_pages(pages, num_tokens))
         return keys, values
-
-    def logit_bias(self, pages: torch.Tensor, num_tokens: int) -> None:
-        return None  # each record is one token
 
     def add_attention(self, pages: torch.Tensor, num_tokens: int, received: torch.Tensor):
         records = self.from_pages(pages, num_tokens)

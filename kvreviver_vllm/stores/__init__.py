@@ -13,11 +13,10 @@ import torch
 from kvreviver_vllm.config import RECORD_GROUPS, KVReviverConfig, KVReviverConfigError
 from kvreviver_vllm.stores.base import VagueStore
 from kvreviver_vllm.stores.count_sketch import CountSketchStore
-from kvreviver_vllm.stores.merged import MergedQuantizedStore
 from kvreviver_vllm.stores.mixed import MixedQuantizedStore
 from kvreviver_vllm.stores.quantized import QuantizedStore
 
-__all__ = ["CountSketchStore", "MergedQuantizedStore", "MixedQuantizedStore", "QuantizedStore", "VagueStore", "make_store"]
+__all__ = ["CountSketchStore", "MixedQuantizedStore", "QuantizedStore", "VagueStore", "make_store"]
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -25,12 +24,8 @@ logger = logging.getLogger(f"vllm.{__name__}")
 def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
                dtype: torch.dtype) -> VagueStore | None:
     """The variant's vague store, or None for the variants without one."""
-    if config.variant == "quantized" and config.merge_share:
-        _warn_research_store("merge_share", config.merge_share)
-        return MergedQuantizedStore(head_size, config.bits, config.merge_share, slot_bytes,
-                                    config.value_bits, config.pool_before, config.pool_after)
     if config.variant == "quantized" and config.low_bits:
-        _warn_research_store("low_bits", config.low_bits)
+        _warn_research_store(config.low_bits)
         return MixedQuantizedStore(head_size, config.bits, config.low_bits, config.high_share,
                                    slot_bytes, config.pool_before, config.pool_after)
     if config.variant == "quantized":
@@ -49,6 +44,6 @@ def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
 
 
 @functools.cache  # once per process, not once per layer
-def _warn_research_store(key: str, value: float) -> None:
-    logger.warning("kvreviver.%s=%s: a research store, run by the PyTorch reference ops (slow)",
-                   key, value)
+def _warn_research_store(low_bits: int) -> None:
+    logger.warning("kvreviver.low_bits=%d: the mixed-width store is a research store and runs "
+                   "the PyTorch reference ops (slow)", low_bits)

@@ -5,7 +5,7 @@ KV head, as raw bytes: ``pages uint8 [num_slots, slot_bytes]``. The backend call
 two methods per store, :meth:`VagueStore.attend` and :meth:`VagueStore.compact`,
 which work on the whole paged cache. Their default runs the store-generic
 reference routines over the per-head methods (``revive``, ``absorb``,
-``add_attention``, ``logit_bias``); a store with kernels of its own overrides them.
+``add_attention``); a store with kernels of its own overrides them.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ class VagueStore(ABC):
     def revive(self, pages: torch.Tensor, num_tokens: int, seed: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructed keys and values ``float32 [num_tokens, D]``."""
-
-    def logit_bias(self, pages: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
-        """Added to each revived token's attention logit ``float32 [num_tokens]``,
-        or None for none (a store whose records each stand for one token)."""
-        return None
 
     def add_attention(self, pages: torch.Tensor, num_tokens: int, received: torch.Tensor
                       ) -> torch.Tensor | None:

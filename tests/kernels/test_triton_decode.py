@@ -118,11 +118,12 @@ def test_decode_bytes():
 # -- quantized vague store ------------------------------------------------------
 
 def build_quantized(vague, exact, num_kv_heads, head_size, block_size, dtype, bits, value_bits,
-                    gen):
+                    gen, group=0):
     """A paged cache whose request ``r`` holds ``vague[r]`` records (random K/V,
-    scores) in its first slots and ``exact[r]`` exact slots after them."""
+    scores; channel groups of ``group``, 0: the default) in its first slots and
+    ``exact[r]`` exact slots after them."""
     slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = reference.QuantizedRecords(head_size, bits, slot_bytes, value_bits)
+    store = reference.QuantizedRecords(head_size, bits, slot_bytes, value_bits, group=group)
     pages = [store.slots_for(n) for n in vague]
     cache, table, _, _ = build_cache([p + e for p, e in zip(pages, exact)], num_kv_heads,
                                      head_size, block_size, dtype, gen)
@@ -174,10 +175,11 @@ QUANT_CASES = [
     QUANT_CASES,
 )
 def test_decode_quantized_matches_reference(vague, exact, gqa, num_kv_heads, block_size, dtype,
-                                            bits, value_bits, score_window, split, head_size=64):
+                                            bits, value_bits, score_window, split, head_size=64,
+                                            group=0):
     gen = torch.Generator().manual_seed(sum(vague) + bits)
     cache, table, store, pages = build_quantized(vague, exact, num_kv_heads, head_size,
-                                                 block_size, dtype, bits, value_bits, gen)
+                                                 block_size, dtype, bits, value_bits, gen, group)
     num_reqs = len(vague)
     query = torch.randn(num_reqs, gqa * num_kv_heads, head_size, generator=gen).to(dtype)
     seq_lens = pages + torch.tensor(exact, dtype=torch.int32)
@@ -208,3 +210,9 @@ def test_decode_quantized_3bit_codes_of_other_head_sizes(head_size):
     """3-bit codes are read as whole words, 3 per 32 codes, at every head size."""
     test_decode_quantized_matches_reference([37, 9], [11, 30], 2, 2, 16, torch.float32, 3, 2,
                                             1, 16, head_size=head_size)
+
+
+def test_decode_quantized_one_group_per_head():
+    """``record_group`` = the head size: one scale and min per key and per value."""
+    test_decode_quantized_matches_reference([41, 7], [13, 30], 3, 1, 16, torch.bfloat16, 3, 2,
+                                            1, 16, group=64)

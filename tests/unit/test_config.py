@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvreviver_vllm.config import KVReviverConfig, KVReviverConfigError
 
@@ -50,6 +51,10 @@ def test_unknown_key_lists_allowed_keys():
         ({"pool_after": 300}, "kvreviver.pool_after=300 is out of range: expected an integer in [0, 256]"),
         ({"pool_before": -1}, "kvreviver.pool_before=-1 is out of range"),
         ({"value_bits": 2, "low_bits": 3}, "kvreviver.value_bits=2 cannot be combined with low_bits=3"),
+        ({"record_group": 48}, "kvreviver.record_group=48 is not supported: allowed values are 0 "
+                               "(32, or 16 where 32 does not divide the head size) or 16, 32, 64, 128"),
+        ({"record_group": True}, "kvreviver.record_group=True is not supported"),
+        ({"record_group": 64, "low_bits": 3}, "kvreviver.record_group=64 cannot be combined with low_bits=3"),
         ({"sketch_rows": 0}, "kvreviver.sketch_rows=0 is out of range"),
         ({"sketch_buckets": 10**6}, "kvreviver.sketch_buckets=1000000 is out of range"),
         ({"attention_kernel": "cuda"}, "kvreviver.attention_kernel='cuda' is not supported: allowed "
@@ -68,6 +73,20 @@ def test_other_bad_values(section, message):
     with pytest.raises(KVReviverConfigError, match=None) as err:
         parse(section)
     assert message in str(err.value)
+
+
+def test_record_group_reaches_the_store_and_must_divide_the_head_size():
+    from kvreviver_vllm.layout import record_bytes
+    from kvreviver_vllm.stores import make_store
+
+    store = make_store(parse({"bits": 3, "value_bits": 2, "record_group": 64}), 64, 256,
+                       torch.float32)
+    assert store.group == 64 and store.record_bytes == record_bytes(64, 3, 64, 2) == 56
+    assert make_store(parse({}), 64, 256, torch.float32).record_bytes == record_bytes(64, 4, 32) == 88
+    with pytest.raises(KVReviverConfigError) as err:
+        make_store(parse({"record_group": 128}), 64, 256, torch.float32)
+    assert ("kvreviver.record_group=128 does not divide the model's head size 64: allowed values "
+            "are 0 or 16, 32, 64") in str(err.value)
 
 
 def test_section_must_be_an_object():
