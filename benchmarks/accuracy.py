@@ -130,7 +130,7 @@ FULL = Grid(
 QUICK = Grid(
     contexts=(1024,),
     budgets=(0.25,),
-    methods=("full", "evict", "quantized"),
+    methods=("full", "quantized"),
     tasks=("passkey-repeat", "loss", "generation"),
     samples=2,
 )
