@@ -189,8 +189,7 @@ def test_store_and_revival_match_reference_in_the_engine(model_dir, tokenizer, v
     harness.probes.install_store_checks): every compaction keeps the
     selected exact slots and stores exactly the demoted tokens, every decode step
     attends over exactly the revived store plus the exact slots. (The mixed-width
-    research store runs the same reference ops as the others; test_vague_store
-    checks its records.)"""
+    research store is not run here: test_vague_store checks its records.)"""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
