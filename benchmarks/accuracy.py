@@ -47,8 +47,9 @@ Run:  .venv/bin/python benchmarks/accuracy.py [--quick] [--out DIR] [--seed N] [
 Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` to ``--out`` (default
 ``benchmarks/results``). Each engine is built once per method and budget and serves every
 context and task in one batch. vLLM's CPU engine computes on one bound core by default, so
-``--jobs`` engines run side by side, each pinned to its own share of the cores; the full
-cache runs first, since it decides which tasks carry a claim.
+``--jobs`` engines run side by side, each pinned to its own share of the cores (``--jobs 1``
+keeps the caller's ``VLLM_CPU_OMP_THREADS_BIND``); the full cache runs first, since it decides
+which tasks carry a claim.
 """
 
 from __future__ import annotations
@@ -606,8 +607,9 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=RESULTS / ".cache",
                         help="saved stock-vLLM runs (reused when prompts and settings match)")
     args = parser.parse_args()
-    # One job keeps vLLM's own binding (compute on one core, the other reserved).
-    shares = ["auto"] if args.jobs == 1 else core_shares(args.jobs)
+    # One job keeps the caller's binding, or vLLM's own (compute on one core, the other reserved).
+    shares = ([os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")] if args.jobs == 1
+              else core_shares(args.jobs))
 
     knobs = parse_knobs(args.set)
     dtype = resolve_dtype(args)

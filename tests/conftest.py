@@ -10,6 +10,11 @@ import pytest
 TESTS = Path(__file__).parent
 sys.path[:0] = [str(TESTS), str(TESTS.parent / "benchmarks")]
 
+from cores import narrow_to_worker_share  # noqa: E402
+
+# Before any test starts an engine: under pytest-xdist, one share of the cores each.
+narrow_to_worker_share()
+
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:

@@ -15,6 +15,13 @@ from probes import (attention_impls, compaction_decisions, count_forward_calls,
 
 STOCK = None
 KVREVIVER = "kvreviver"
+BLOCK_SIZE = 32  # the tests' KV block: vLLM's CPU attention needs a multiple of 32
+
+
+def stock_block_bytes(dtype: str, block_size: int = BLOCK_SIZE) -> int:
+    """Stock vLLM's page for the default model: 30 layers x 3 KV heads x
+    ``block_size`` tokens x 128 values (key and value, head size 64)."""
+    return 30 * 3 * block_size * 128 * (4 if dtype == "float32" else 2)
 
 
 @dataclass

@@ -16,10 +16,11 @@ on CPU vLLM compiles with Dynamo without Inductor, so the arithmetic is eager's.
 
 from __future__ import annotations
 
-import os
+from contextlib import nullcontext
 
 import pytest
 
+from cores import SESSION_CORES, all_cores
 from engine_run import KVREVIVER, run_engine
 from prompts import make_prompt
 from widened_model import widen_kv_heads
@@ -32,7 +33,7 @@ NEW_TOKENS = 64
 # Compressed: the exact path and the store both split across ranks and stages.
 BUDGETS = [0.25]
 # One core per rank (vLLM's CPU workers bind their OpenMP threads to these).
-RANK_CORES = "0|1"
+RANK_CORES = "|".join(map(str, SESSION_CORES[:2]))
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +52,15 @@ def runs(wide_model, prompts):
 
     def get(budget: float, tp: int = 1, pp: int = 1):
         if (budget, tp, pp) not in cache:
-            parallel = tp * pp > 1
-            if parallel:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = RANK_CORES
-            try:
+            # One core per rank; one process stays on this test process's cores.
+            cores = all_cores(RANK_CORES) if tp * pp > 1 else nullcontext()
+            with cores:
                 cache[budget, tp, pp] = run_engine(
                     wide_model, prompts, KVREVIVER, "float32", NEW_TOKENS,
                     tensor_parallel_size=tp, pipeline_parallel_size=pp,
                     enforce_eager=pp == 1, enable_prefix_caching=False,
                     additional_config={"kvreviver": {"budget": budget}},
                 )
-            finally:
-                if parallel:
-                    del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         return cache[budget, tp, pp]
 
     return get
