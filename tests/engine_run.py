@@ -10,18 +10,22 @@ import gc
 import os
 from dataclasses import dataclass
 
+from kvreviver_vllm.host import fast_dtype
 from probes import (attention_impls, compaction_decisions, count_forward_calls,
                     record_compactions, triton_attention_steps)
 
 STOCK = None
 KVREVIVER = "kvreviver"
 BLOCK_SIZE = 32  # the tests' KV block: vLLM's CPU attention needs a multiple of 32
+CHUNK = 512  # --max-num-batched-tokens: the most tokens one request gets per step
+# The engines run in the dtype this CPU computes fast (bf16, or float32 without AVX-512).
+DTYPE = fast_dtype()
 
 
-def stock_block_bytes(dtype: str, block_size: int = BLOCK_SIZE) -> int:
+def stock_block_bytes(dtype: str) -> int:
     """Stock vLLM's page for the default model: 30 layers x 3 KV heads x
-    ``block_size`` tokens x 128 values (key and value, head size 64)."""
-    return 30 * 3 * block_size * 128 * (4 if dtype == "float32" else 2)
+    ``BLOCK_SIZE`` tokens x 128 values (key and value, head size 64)."""
+    return 30 * 3 * BLOCK_SIZE * 128 * (4 if dtype == "float32" else 2)
 
 
 @dataclass

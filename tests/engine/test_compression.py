@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from engine_run import BLOCK_SIZE, stock_block_bytes
-from kvreviver_vllm.host import fast_dtype
+from engine_run import BLOCK_SIZE, CHUNK, DTYPE, stock_block_bytes
 from kvreviver_vllm.schedule import DECODE_ROOM
 
 pytestmark = pytest.mark.engine
 
 PROBE = Path(__file__).parent / "scheduler_probe.py"
-CHUNK = 512  # --max-num-batched-tokens: the most tokens one request gets per step
-# The engines run in the dtype this CPU computes fast (bf16, or float32 without AVX-512).
-DTYPE = fast_dtype()
 
 
 def probe(model_dir: str, backend: str | None, prompt_lens: list[int], max_tokens: int,

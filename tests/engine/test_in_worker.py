@@ -10,14 +10,9 @@ import time
 
 import pytest
 
-from engine_run import BLOCK_SIZE, stock_block_bytes
-from kvreviver_vllm.host import fast_dtype
+from engine_run import BLOCK_SIZE, CHUNK, DTYPE, stock_block_bytes
 
 pytestmark = pytest.mark.engine
-
-CHUNK = 512  # --max-num-batched-tokens: the most tokens one request gets per step
-# The engines run in the dtype this CPU computes fast (bf16, or float32 without AVX-512).
-DTYPE = fast_dtype()
 
 
 @contextlib.contextmanager
