@@ -58,29 +58,32 @@ def decode_cap_blocks(num_tokens: int, budget: float) -> int:
 
 
 def test_budget_caps_blocks_and_multiplies_concurrency(model_dir, capsys):
-    # A 2k prompt is read in four chunks, so the KV pool, not the step budget,
+    # A 1k prompt is read in two chunks, so the KV pool, not the step budget,
     # limits concurrency.
-    prompts, new = [2048] * 16, 128
-    # Room for three whole requests in stock vLLM (70 blocks each) and no fourth chunk.
-    stock = probe(model_dir, None, prompts, new, pool_blocks=213)
-    ours = probe(model_dir, "kvreviver", prompts, new, pool_blocks=213, budget=0.1)
+    prompt_len, new = 1024, 128
+    prompts = [prompt_len] * 16
+    # Room for three whole requests in stock vLLM (36 blocks each) and not for a
+    # fourth prompt (32 blocks, admitted only whole) beside them.
+    pool = 113
+    stock = probe(model_dir, None, prompts, new, pool_blocks=pool)
+    ours = probe(model_dir, "kvreviver", prompts, new, pool_blocks=pool, budget=0.1)
 
     for run in (stock, ours):
         assert sorted(run["outputs"]) == sorted(map(str, range(len(prompts))))
         assert all(len(o["token_ids"]) == new for o in run["outputs"].values())
         assert run["free_at_end"] == run["free_at_start"]
-    assert max(stock["peak_blocks"].values()) == math.ceil((2048 + new) / BLOCK_SIZE)
+    assert max(stock["peak_blocks"].values()) == math.ceil((prompt_len + new) / BLOCK_SIZE)
     # Ours holds the prompt whole while reading it (and at its first decode
     # step), then only its budget plus the decode room.
-    assert max(ours["peak_blocks"].values()) == math.ceil((2048 + 1) / BLOCK_SIZE)
-    cap = decode_cap_blocks(2048 + new, 0.1)
+    assert max(ours["peak_blocks"].values()) == math.ceil((prompt_len + 1) / BLOCK_SIZE)
+    cap = decode_cap_blocks(prompt_len + new, 0.1)
     # The worker skips exactly the gap the scheduler freed, for every request.
     assert ours["cuts_disagreed"] == [] and len(ours["cuts_agreed"]) == len(prompts)
     assert len(ours["peak_decode_blocks"]) == len(prompts)
     assert max(ours["peak_decode_blocks"].values()) <= cap
     with capsys.disabled():
         print(
-            f"\nsame KV pool, 2k-token requests: peak running stock {stock['peak_running']}, "
+            f"\nsame KV pool, 1k-token requests: peak running stock {stock['peak_running']}, "
             f"kvreviver@0.1 {ours['peak_running']}; blocks per request stock "
             f"{max(stock['peak_blocks'].values())}, kvreviver {max(ours['peak_blocks'].values())} "
             f"reading the prompt, {max(ours['peak_decode_blocks'].values())} decoding (cap {cap})"
