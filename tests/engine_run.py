@@ -6,8 +6,10 @@ main process is fine as it is never re-imported.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvreviver_vllm.host import fast_dtype
@@ -26,6 +28,22 @@ def stock_block_bytes(dtype: str) -> int:
     """Stock vLLM's page for the default model: 30 layers x 3 KV heads x
     ``BLOCK_SIZE`` tokens x 128 values (key and value, head size 64)."""
     return 30 * 3 * BLOCK_SIZE * 128 * (4 if dtype == "float32" else 2)
+
+
+@contextlib.contextmanager
+def open_engine(**llm_kwargs) -> Iterator:
+    """``vllm.LLM(**llm_kwargs)``, its engine shut down and collected on exit. The
+    tests' probes are Python functions sent to the worker by ``collective_rpc``."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    from vllm import LLM
+
+    llm = LLM(**llm_kwargs)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
 
 
 @dataclass
@@ -53,9 +71,7 @@ def run_engine(
 ) -> EngineRun:
     """Greedy-generate ``max_tokens`` per prompt, then shut the engine down."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    # collective_rpc ships a Python function to the worker.
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(
@@ -68,8 +84,7 @@ def run_engine(
     if backend is not None:
         kwargs["attention_backend"] = backend
     kwargs.update(engine_kwargs)
-    llm = LLM(**kwargs)
-    try:
+    with open_engine(**kwargs) as llm:
         params = SamplingParams(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2
         )
@@ -94,10 +109,6 @@ def run_engine(
             triton_steps=triton_steps,
             decisions=decisions,
         )
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 def merge_ranks(per_worker: list[dict[str, list]]) -> dict[str, list]:

@@ -4,36 +4,26 @@ attention-error probe, and a kernel that raises mid-generation."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
 import pytest
 
-from engine_run import BLOCK_SIZE, CHUNK, DTYPE, stock_block_bytes
+from engine_run import BLOCK_SIZE, CHUNK, DTYPE, open_engine, stock_block_bytes
 
 pytestmark = pytest.mark.engine
 
 
-@contextlib.contextmanager
 def kvreviver_engine(model_dir: str, **kvreviver):
-    """An in-process engine on this package's backend (``kvreviver`` is its config
-    section), for the tests that install checks in its worker; shut down on exit."""
-    from vllm import LLM
-
-    # collective_rpc ships a Python function to the worker.
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = LLM(model=model_dir, dtype=DTYPE, max_model_len=4096, enforce_eager=True,
-              attention_backend="kvreviver", enable_prefix_caching=False,
-              max_num_batched_tokens=CHUNK, block_size=BLOCK_SIZE,
-              # An explicit pool: without one vLLM's CPU worker demands 92% of the
-              # NUMA node free at startup, which fails beside any other process.
-              kv_cache_memory_bytes=200 * stock_block_bytes(DTYPE),
-              additional_config={"kvreviver": kvreviver})
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    """An engine on this package's backend (``kvreviver`` is its config section),
+    for the tests that install checks in its worker; shut down on exit."""
+    return open_engine(model=model_dir, dtype=DTYPE, max_model_len=4096, enforce_eager=True,
+                       attention_backend="kvreviver", enable_prefix_caching=False,
+                       max_num_batched_tokens=CHUNK, block_size=BLOCK_SIZE,
+                       # An explicit pool: without one vLLM's CPU worker demands 92% of the
+                       # NUMA node free at startup, which fails beside any other process.
+                       kv_cache_memory_bytes=200 * stock_block_bytes(DTYPE),
+                       additional_config={"kvreviver": kvreviver})
 
 
 def test_a_failing_kernel_stops_the_engine_cleanly(model_dir, tokenizer):

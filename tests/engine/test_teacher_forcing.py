@@ -7,11 +7,11 @@ model's own probability of it, i.e. what the same tokens score when read as a pr
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
 
+from engine_run import open_engine
 from harness.tasks import TaskGenerator
 from harness.teacher_forcing import (
     FORCED_TOKENS_KEY,
@@ -38,15 +38,10 @@ def test_bad_forced_tokens_are_refused_with_the_value():
 @pytest.fixture(scope="module")
 def llm(model_dir):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM
-
     # float32: prompt and decode paths agree to ~1e-4 nats, so a mismatch is a real one.
-    engine = LLM(model=model_dir, dtype="float32", max_model_len=2048, enforce_eager=True,
-                 seed=0, logits_processors=[ForcedTokensLogitsProcessor])
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
-    del engine
-    gc.collect()
+    with open_engine(model=model_dir, dtype="float32", max_model_len=2048, enforce_eager=True,
+                     seed=0, logits_processors=[ForcedTokensLogitsProcessor]) as engine:
+        yield engine
 
 
 @pytest.mark.engine
