@@ -56,9 +56,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import datetime
-import gc
 import json
 import math
 import multiprocessing
@@ -69,6 +67,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.offline import open_engine
 from harness.tasks import (
     ALL_TASKS,
     FORCED_TASKS,
@@ -227,22 +226,13 @@ def resolve_dtype(args: argparse.Namespace) -> str:
     return args.dtype or (fast_dtype() if args.quick else BF16)
 
 
-@contextlib.contextmanager
 def engine(model_dir: str, max_len: int, chunk: int, dtype: str = BF16, **kwargs):
     """The offline engine every benchmark configuration runs on (eager, prompts chunked
     at ``chunk`` tokens, no prefix cache), shut down on exit."""
-    from vllm import LLM
-
-    llm = LLM(
+    return open_engine(
         model=model_dir, dtype=dtype, max_model_len=max_len, enforce_eager=True,
         seed=0, max_num_batched_tokens=chunk, enable_prefix_caching=False, **kwargs,
     )
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,

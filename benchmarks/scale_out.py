@@ -28,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.offline import open_engine
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
@@ -91,7 +93,7 @@ def watch_block_pool() -> dict[str, int]:
 
 def run_one(model: str, layout: Layout, budget: float, prompts, output_len: int,
             dtype: str, peak: dict[str, int]) -> Run:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     if layout.tp * layout.pp > 1:
@@ -99,12 +101,11 @@ def run_one(model: str, layout: Layout, budget: float, prompts, output_len: int,
     else:
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     t0 = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, max_model_len=8192, seed=0,
-              attention_backend="kvreviver", enable_prefix_caching=False,
-              enforce_eager=layout.eager, max_num_batched_tokens=512,
-              tensor_parallel_size=layout.tp, pipeline_parallel_size=layout.pp,
-              additional_config={"kvreviver": {"budget": budget}})
-    try:
+    with open_engine(model=model, dtype=dtype, max_model_len=8192, seed=0,
+                     attention_backend="kvreviver", enable_prefix_caching=False,
+                     enforce_eager=layout.eager, max_num_batched_tokens=512,
+                     tensor_parallel_size=layout.tp, pipeline_parallel_size=layout.pp,
+                     additional_config={"kvreviver": {"budget": budget}}) as llm:
         start_s = time.perf_counter() - t0
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         peak["blocks"] = 0
@@ -114,9 +115,6 @@ def run_one(model: str, layout: Layout, budget: float, prompts, output_len: int,
         generate_s = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         per_rank = llm.collective_rpc(kv_bytes_per_block)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
     return Run(layout.name, layout.tp, layout.pp, layout.eager, budget, round(start_s, 1),
                round(generate_s, 2), round(tokens / generate_s, 2), peak["blocks"], per_rank,
                [round(peak["blocks"] * b / 2**20, 1) for b in per_rank])

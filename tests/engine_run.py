@@ -6,12 +6,10 @@ main process is fine as it is never re-imported.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
+from harness.offline import open_engine
 from kvreviver_vllm.host import fast_dtype
 from probes import (attention_impls, compaction_decisions, count_forward_calls,
                     record_compactions, triton_attention_steps)
@@ -28,22 +26,6 @@ def stock_block_bytes(dtype: str) -> int:
     """Stock vLLM's page for the default model: 30 layers x 3 KV heads x
     ``BLOCK_SIZE`` tokens x 128 values (key and value, head size 64)."""
     return 30 * 3 * BLOCK_SIZE * 128 * (4 if dtype == "float32" else 2)
-
-
-@contextlib.contextmanager
-def open_engine(**llm_kwargs) -> Iterator:
-    """``vllm.LLM(**llm_kwargs)``, its engine shut down and collected on exit. The
-    tests' probes are Python functions sent to the worker by ``collective_rpc``."""
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    from vllm import LLM
-
-    llm = LLM(**llm_kwargs)
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
 
 
 @dataclass
@@ -71,6 +53,8 @@ def run_engine(
 ) -> EngineRun:
     """Greedy-generate ``max_tokens`` per prompt, then shut the engine down."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # collective_rpc ships a Python function to the worker.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

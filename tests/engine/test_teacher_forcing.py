@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from engine_run import open_engine
+from harness.offline import open_engine
 from harness.tasks import TaskGenerator
 from harness.teacher_forcing import (
     FORCED_TOKENS_KEY,

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from engine_run import open_engine
+from harness.offline import open_engine
 
 pytestmark = pytest.mark.engine
 
