@@ -44,8 +44,9 @@ layers and steps.
 
 Run:  .venv/bin/python benchmarks/accuracy.py [--quick] [--out DIR] [--seed N] [--jobs N]
 
-Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` to ``--out`` (default
-``benchmarks/results``). Each engine is built once per method and budget and serves every
+Writes ``accuracy.json`` (forced rows also list each prompt's loss), ``accuracy.md``,
+``accuracy.png`` and ``accuracy_nll.json`` (each forced prompt's per-position loss, per
+method) to ``--out`` (default ``benchmarks/results``). Each engine is built once per method and budget and serves every
 context and task in one batch. vLLM's CPU engine computes on one bound core by default, so
 ``--jobs`` engines run side by side, each pinned to its own share of the cores (``--jobs 1``
 keeps the caller's ``VLLM_CPU_OMP_THREADS_BIND``); the full cache runs first, since it decides
@@ -74,6 +75,7 @@ from harness.tasks import (
     GENERATION_AGREEMENT_TOKENS,
     RETRIEVAL_TASKS,
     TASKS,
+    Sample,
     TaskGenerator,
     is_correct,
 )
@@ -145,6 +147,8 @@ class SampleResult:
     forced_logprobs: list[dict[int, float]]
     """``FORCED_TASKS``: top raw logprobs (and the forced token's) at each scored forced position."""
     loss: float | None
+    nll: list[float] = field(default_factory=list)
+    """``FORCED_TASKS``: the forced token's loss (nats) at each scored position; ``loss`` is their mean."""
 
 
 @dataclass
@@ -283,8 +287,9 @@ def run_method(model_dir: str, method: str, budget: float | None, kwargs: dict,
             raise RuntimeError(f"{method}: a {sample.task} prompt was not teacher-forced")
         # Position 0 comes from the exact prompt; the decode steps serve the rest.
         steps = [{tok: lp.logprob for tok, lp in step.items()} for step in completion.logprobs[1:]]
-        loss = -statistics.fmean(step[tok] for tok, step in zip(sample.forced_ids[1:], steps))
-        results[id(sample)] = SampleResult(sample.task, sample.context, None, [], steps, loss)
+        nll = forced_nll(sample, steps)
+        results[id(sample)] = SampleResult(sample.task, sample.context, None, [], steps,
+                                           statistics.fmean(nll), nll)
     for sample, out in zip(generation, free_outs):
         results[id(sample)].token_ids = list(out.outputs[0].token_ids)
     run.results = [results[id(s)] for s in samples]
@@ -331,6 +336,9 @@ def stock_run_cached(model_dir: str, method: str, kwargs: dict, samples, chunk: 
         results = [SampleResult(**{**r, "forced_logprobs": [
             {int(t): lp for t, lp in step.items()} for step in r["forced_logprobs"]]})
             for r in raw["results"]]
+        for sample, result in zip(samples, results):  # saved before runs kept ``nll``
+            if result.forced_logprobs and not result.nll:
+                result.nll = forced_nll(sample, result.forced_logprobs)
         print(f"[accuracy] {method}: reusing {path}", flush=True)
         return Run(method, None, kwargs, raw["seconds"], results)
     run = run_method(model_dir, method, None, kwargs, samples, chunk)
@@ -378,6 +386,12 @@ def top_k_kl(full: dict[int, float], other: dict[int, float]) -> float:
     return max(0.0, kl + p_rest * math.log(p_rest / q_rest))
 
 
+def forced_nll(sample: Sample, steps: list[dict[int, float]]) -> list[float]:
+    """The forced tokens' loss at each decode-step position (position 0, read from
+    the exact prompt, is left out)."""
+    return [-step[tok] for tok, step in zip(sample.forced_ids[1:], steps, strict=True)]
+
+
 def forced_kl(full: list[dict[int, float]], other: list[dict[int, float]]) -> float:
     """Mean :func:`top_k_kl` over the teacher-forced positions of one prompt."""
     return statistics.fmean(top_k_kl(f, o) for f, o in zip(full, other, strict=True))
@@ -401,6 +415,7 @@ def summarize(run: Run, reference: Run) -> list[dict]:
                    samples=len(pairs))
         if task in FORCED_TASKS:
             row["loss"] = statistics.fmean(g.loss for g, _ in pairs)
+            row["prompt_losses"] = [round(g.loss, 5) for g, _ in pairs]
             row["loss_delta"] = row["loss"] - statistics.fmean(w.loss for _, w in pairs)
             row["kl"] = statistics.fmean(forced_kl(w.forced_logprobs, g.forced_logprobs)
                                          for g, w in pairs)
@@ -418,7 +433,7 @@ def summarize(run: Run, reference: Run) -> list[dict]:
 
 # -- reporting -----------------------------------------------------------------
 
-def _label(method: str, budget: float | None) -> str:
+def run_label(method: str, budget: float | None) -> str:
     return method if budget is None else f"{method}@{budget:g}"
 
 
@@ -538,6 +553,12 @@ def write_report(args, grid: Grid, runs: list[Run], skipped: list[str],
         rows=rows,
     )
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    # Per-position losses of the forced tasks, one list per prompt in sample order
+    # (the rows' prompt_losses are their means): where in a text a method loses.
+    nll = {run_label(r.method, r.budget): [dict(task=s.task, context=s.context,
+                                             nll=[round(x, 4) for x in s.nll])
+                                        for s in r.results if s.nll] for r in runs}
+    (args.out / f"{stem}_nll.json").write_text(json.dumps(nll))
     (args.out / f"{stem}.md").write_text(
         f"Command: `python benchmarks/{command}` (seed {args.seed}, chunk {args.chunk}, "
         f"{resolve_dtype(args)})\n\n" + table
@@ -654,7 +675,7 @@ def main() -> int:
         ):
             kwargs = None  # its bucket slots alone exceed the budget
         if kwargs is None:
-            skipped.append(_label(method, budget))
+            skipped.append(run_label(method, budget))
         else:
             plan.append((method, budget, kwargs, contexts))
 
@@ -670,7 +691,7 @@ def main() -> int:
         method, budget, kwargs, contexts = plan[index]
         samples = [s for c in contexts for s in samples_by_context[c]
                    if method == "full" or (c, s.task) in claims]
-        print(f"[accuracy] {_label(method, budget)}: {len(samples)} prompts ...", flush=True)
+        print(f"[accuracy] {run_label(method, budget)}: {len(samples)} prompts ...", flush=True)
         future = pool.submit(run_config, model_dir, method, budget, kwargs, samples,
                              args.chunk, args.cache)
         indices[future] = index
@@ -679,7 +700,7 @@ def main() -> int:
     def finish(future: concurrent.futures.Future) -> None:
         run = future.result()
         done[indices[future]] = run
-        print(f"[accuracy] {_label(run.method, run.budget)}: {run.seconds:.0f} s", flush=True)
+        print(f"[accuracy] {run_label(run.method, run.budget)}: {run.seconds:.0f} s", flush=True)
         # Written after every configuration, so a run cut short keeps what it measured.
         print(write_report(args, grid, [done[i] for i in sorted(done)], skipped, claims), flush=True)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ from bench_script import BENCHMARKS, run_quick
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy  # noqa: E402
-from harness.tasks import FORCED_TASKS  # noqa: E402
+from harness.tasks import FORCED_TASKS, Sample  # noqa: E402
 
 
 def test_agreement_counts_tokens_before_the_first_difference():
@@ -45,6 +47,15 @@ def test_forced_kl_averages_over_the_forced_positions():
     assert accuracy.forced_kl([a, a], [a, b]) == pytest.approx(accuracy.top_k_kl(a, b) / 2)
     with pytest.raises(ValueError):  # positions must pair up
         accuracy.forced_kl([a, a], [a])
+
+
+def test_forced_nll_reads_each_forced_token_after_the_first():
+    # Position 0 comes from the exact prompt; step i scores forced token i + 1.
+    sample = Sample("loss", [5, 6], 2048, "", (7, 8, 9))
+    steps = [{8: math.log(0.5), 1: math.log(0.25)}, {1: math.log(0.5), 9: math.log(0.1)}]
+    assert accuracy.forced_nll(sample, steps) == pytest.approx([math.log(2), math.log(10)])
+    with pytest.raises(ValueError):  # one step per scored position
+        accuracy.forced_nll(sample, steps[:1])
 
 
 def test_uniform_bits_is_the_widest_width_that_holds_every_token():
@@ -110,6 +121,7 @@ def test_quick_grid_end_to_end(tmp_path, model_dir):
         assert row["samples"] == grid.samples and row["context"] == grid.contexts[0]
         if task in FORCED_TASKS:
             assert 0 < row["loss"] < 20 and row["kl"] >= 0
+            assert statistics.fmean(row["prompt_losses"]) == pytest.approx(row["loss"], abs=1e-4)
         else:
             assert 0 <= row["correct"] <= row["samples"]
             assert 0 <= row["agreement"] <= 1
@@ -140,4 +152,11 @@ def test_quick_grid_end_to_end(tmp_path, model_dir):
         assert set(errors[method]) == {str(grid.contexts[0])}
         assert 0 < errors[method][str(grid.contexts[0])] < 1.5
     assert "attention error" in (tmp_path / "accuracy_quick.md").read_text()
+    # Per-position losses: one list per forced prompt, averaging to its loss.
+    nll = json.loads((tmp_path / "accuracy_quick_nll.json").read_text())
+    for row in report["rows"]:
+        if row["task"] in FORCED_TASKS:
+            label = accuracy.run_label(row["method"], row["budget"])
+            lists = [p["nll"] for p in nll[label] if p["task"] == row["task"]]
+            assert [statistics.fmean(x) for x in lists] == pytest.approx(row["prompt_losses"], abs=1e-3)
     assert configs["quantized"]["additional_config"]["kvreviver"]["budget"] == grid.budgets[0]
