@@ -1,0 +1,135 @@
+"""The engine's compaction schedule, emulated in Hugging Face transformers (float32), to bound
+what a better choice of which tokens the store keeps could buy at the same bytes.
+
+Loss task prompts (benchmarks/harness/tasks.py, 2k, 8 per seed): the prompt is read exact;
+from the first decode step on, each KV head holds sink 4 + recent 32 exact tokens plus as many
+4-bit-key / 2-bit-value rotated one-group records (64 bytes) as float32 budget 0.059 holds
+(bf16 10%'s bytes), compacted when the 32-token decode room fills, as schedule.py does. A
+policy decides which tokens the store keeps at each compaction:
+  snap          the engine's ranking: attention from the last 32 prompt rows, then from every
+                decode row since the last compaction, max-pooled 3 back / 24 ahead
+  oracle        the attention each token will receive from the decode rows still to come
+                (full cache), i.e. perfect foresight: not buildable, a bound
+  oracle-first  / oracle-later: foresight at the first compaction only / at the later ones
+  h2o           mean attention each token received from every prompt row that saw it
+  h2o-half      snap's window plus h2o; maxrow: the largest single-row attention
+  delayK        snap, but the first compaction waits K decode steps (the prompt held whole)
+Loss: mean next-token loss over the 256 forced tokens (position 0, read from the exact prompt,
+included). Run from the repository root:
+  .venv/bin/python <this> SEED SAMPLES POLICY[,POLICY...]"""
+import sys, math, json, torch
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
+from transformers import AutoModelForCausalLM, AutoTokenizer, AttentionInterface
+from harness.tasks import TaskGenerator
+from kvreviver_vllm.rotation import rotation_matrix
+from kvreviver_vllm.policy import pooled_scores
+from kvreviver_vllm.models import default_model_dir
+torch.set_num_threads(1)
+MD = str(default_model_dir())
+D, HQ, HKV, G = 64, 9, 3, 3
+SINK, RECENT, WINDOW, ROOM, BLOCK = 4, 32, 32, 32, 16
+BUDGET, SLOT_BYTES, REC_BYTES = 0.059, 520, 64
+R = rotation_matrix(D)
+
+def qtok(x, bits, group=64):
+    T = x.shape[0]; g = (x @ R).view(T, -1, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = ((hi - lo).clamp_min(1e-8) / (2 ** bits - 1)).half().float(); lo = lo.half().float()
+    return ((((g - lo) / s).round().clamp(0, 2 ** bits - 1) * s + lo).view(T, D)) @ R.T
+
+def capacity(slots): return max(0, slots) * SLOT_BYTES // REC_BYTES
+def budget_slots(n): return min(n, max(math.ceil(BUDGET * n), SINK + RECENT))
+def decode_limit(n): return -(-(budget_slots(n) + ROOM) // BLOCK) * BLOCK
+
+MODE = {"policy": "snap"}
+
+def sim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    q, k, v = query[0], key[0], value[0]  # [HQ,T,D], [HKV,T,D]
+    T = q.shape[1]; P = MODE["P"]; scale = scaling
+    kk = k.repeat_interleave(G, 0); vv = v.repeat_interleave(G, 0)
+    logits = (q @ kk.transpose(1, 2)) * scale
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    full = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    out = full @ vv  # [HQ,T,D]
+    if MODE["policy"] == "full":
+        return out.transpose(0, 1)[None].contiguous(), None
+    # quantized copies for records
+    kq = torch.stack([qtok(k[h], 4) for h in range(HKV)]); vq = torch.stack([qtok(v[h], 2) for h in range(HKV)])
+    future = full[:, P:].sum(1).view(HKV, G, T).sum(1)  # oracle mass from decode rows
+    pol = MODE["policy"]
+    if pol in ("h2o", "h2o-sum"):
+        scores = full[:, :P].sum(1).view(HKV, G, T).sum(1)
+        if pol == "h2o":  # mean over the prompt rows that see each token
+            scores = scores / (P - torch.arange(T)).clamp_min(1) * WINDOW
+    elif pol == "maxrow":
+        scores = full[:, :P].view(HKV, G, P, T).sum(1).amax(1) * WINDOW
+    elif pol == "h2o-half":  # window plus a normalized whole-prompt term
+        w = full[:, P - WINDOW:P].sum(1).view(HKV, G, T).sum(1)
+        a = full[:, :P].sum(1).view(HKV, G, T).sum(1) / (P - torch.arange(T)).clamp_min(1) * WINDOW
+        scores = w + a
+    else:
+        scores = full[:, P - WINDOW:P].sum(1).view(HKV, G, T).sum(1)  # prefill window
+    exact = list(range(P))  # same for every head
+    rec = [torch.zeros(T, dtype=torch.bool) for _ in range(HKV)]
+    settled = False
+    ncomp = 0
+    delay = int(pol[5:]) if pol.startswith("delay") else 0
+    def mixed():
+        RM = torch.stack(rec)[:, :, None]  # [HKV, T, 1]
+        return (torch.where(RM, kq, k).repeat_interleave(G, 0), torch.where(RM, vq, v).repeat_interleave(G, 0))
+    KH, VH = mixed()
+    for t in range(P, T):
+        n = t + 1
+        exact.append(t)
+        ex = torch.zeros(T, dtype=torch.bool); ex[exact] = True
+        vis = (ex[None] | torch.stack(rec)).repeat_interleave(G, 0)  # [HQ, T]
+        lg = torch.einsum("hd,htd->ht", q[:, t], KH) * scale
+        p = torch.softmax(lg.masked_fill(~vis, float("-inf")), -1)
+        out[:, t] = torch.einsum("ht,htd->hd", p, VH)
+        scores += p.view(HKV, G, T).sum(1)
+        used = -(-int(rec[0].sum()) * REC_BYTES // SLOT_BYTES) + len(exact)
+        if (not settled and used > budget_slots(n) and t - P + 1 >= delay) or (settled and used + 1 > decode_limit(n)):
+            settled = True
+            bs = budget_slots(n)
+            keep_exact = exact[:SINK] + exact[-RECENT:]
+            demoted = exact[SINK:-RECENT]
+            cap = capacity(bs - len(keep_exact))
+            for h in range(HKV):
+                cand = sorted(rec[h].nonzero()[:, 0].tolist() + demoted)
+                ci = torch.tensor(cand)
+                if pol == "oracle" or (pol == "oracle-first" and ncomp == 0) or (pol == "oracle-later" and ncomp > 0):
+                    rank_s = future[h, ci]
+                else:
+                    rank_s = pooled_scores(scores[h, ci][None], 3, 24)[0]
+                top = rank_s.sort(descending=True, stable=True).indices[:cap]
+                rec[h] = torch.zeros(T, dtype=torch.bool); rec[h][ci[top]] = True
+            exact = keep_exact
+            KH, VH = mixed()
+            scores.zero_()
+            ncomp += 1
+            if pol.startswith("oracle"):  # future mass only from rows after now
+                future = full[:, t + 1:].sum(1).view(HKV, G, T).sum(1) if t + 1 < T else future * 0
+    return out.transpose(0, 1)[None].contiguous(), None
+
+AttentionInterface.register("kvsim", sim_attention)
+
+if __name__ == "__main__":
+    seed, nsamp = int(sys.argv[1]), int(sys.argv[2]); policies = sys.argv[3].split(",")
+    tok = AutoTokenizer.from_pretrained(MD)
+    model = AutoModelForCausalLM.from_pretrained(MD, dtype=torch.float32, attn_implementation="kvsim").eval()
+    samples = TaskGenerator(tok).samples("loss", 2048, nsamp, seed)
+    res = {p: [] for p in policies}
+    for i, s in enumerate(samples):
+        ids = torch.tensor([list(s.prompt_ids) + list(s.forced_ids)])
+        P = len(s.prompt_ids); MODE["P"] = P
+        for pol in policies:
+            MODE["policy"] = pol
+            with torch.no_grad(): lg = model(ids).logits[0].float()
+            ce = torch.nn.functional.cross_entropy(lg[P - 1:-1], ids[0, P:]).item()
+            res[pol].append(ce)
+            print(i, pol, round(ce, 4), flush=True)
+    means = {p: sum(v) / len(v) for p, v in res.items()}
+    print(json.dumps(means))
+    json.dump({"per_sample": res, "mean": means}, open(Path(__file__).parent / f"seed{seed}-{'-'.join(policies)}.json", "w"))
