@@ -17,7 +17,7 @@ policy decides which tokens the store keeps at each compaction:
 Loss: mean next-token loss over the 256 forced tokens (position 0, read from the exact prompt,
 included). Run from the repository root:
   .venv/bin/python <this> SEED SAMPLES POLICY[,POLICY...]"""
-import sys, math, json, torch
+import sys, json, torch
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -26,13 +26,21 @@ from harness.tasks import TaskGenerator
 from kvreviver_vllm.rotation import rotation_matrix
 from kvreviver_vllm.policy import pooled_scores
 from kvreviver_vllm.models import default_model_dir
+from kvreviver_vllm.config import budget_tokens
+from kvreviver_vllm.layout import record_bytes, slot_width
+from kvreviver_vllm.schedule import DECODE_ROOM
+from vllm.utils.math_utils import round_up
 torch.set_num_threads(1)
 MD = str(default_model_dir())
 D, HQ, HKV, G = 64, 9, 3, 3
-SINK, RECENT, WINDOW, ROOM, BLOCK = 4, 32, 32, 32, 16
-BUDGET, SLOT_BYTES, REC_BYTES = 0.059, 520, 64
+SINK, RECENT, WINDOW, BLOCK = 4, 32, 32, 16
+BUDGET = 0.059
+SLOT_BYTES = slot_width(D, torch.float32) * 4  # float32 slot: 520 bytes
+REC_BYTES = record_bytes(D, 4, 64, 2)  # 4-bit keys, 2-bit values, one group: 64 bytes
 R = rotation_matrix(D)
 
+# Its own rounding of the scale (float16 before dividing): up to one step off the engine's
+# reference.quantize_records on some channels.
 def qtok(x, bits, group=64):
     T = x.shape[0]; g = (x @ R).view(T, -1, group)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
@@ -40,8 +48,8 @@ def qtok(x, bits, group=64):
     return ((((g - lo) / s).round().clamp(0, 2 ** bits - 1) * s + lo).view(T, D)) @ R.T
 
 def capacity(slots): return max(0, slots) * SLOT_BYTES // REC_BYTES
-def budget_slots(n): return min(n, max(math.ceil(BUDGET * n), SINK + RECENT))
-def decode_limit(n): return -(-(budget_slots(n) + ROOM) // BLOCK) * BLOCK
+def budget_slots(n): return budget_tokens(BUDGET, n, SINK + RECENT)
+def decode_limit(n): return round_up(budget_slots(n) + DECODE_ROOM, BLOCK)
 
 MODE = {"policy": "snap"}
 
