@@ -47,10 +47,10 @@ Run:  .venv/bin/python benchmarks/accuracy.py [--quick] [--out DIR] [--seed N] [
 Writes ``accuracy.json`` (forced rows also list each prompt's loss), ``accuracy.md``,
 ``accuracy.png`` and ``accuracy_nll.json`` (each forced prompt's per-position loss, per
 method) to ``--out`` (default ``benchmarks/results``). Each engine is built once per method
-and budget and serves every context and task in one batch. vLLM's CPU engine computes on one bound core by default, so
-``--jobs`` engines run side by side, each pinned to its own share of the cores (``--jobs 1``
-keeps the caller's ``VLLM_CPU_OMP_THREADS_BIND``); the full cache runs first, since it decides
-which tasks carry a claim.
+and budget and serves every context and task in one batch. vLLM's CPU engine computes on one
+bound core by default, so ``--jobs`` engines run side by side, each pinned to its own share of
+the cores (``--jobs 1`` keeps the caller's ``VLLM_CPU_OMP_THREADS_BIND``); the full cache runs
+first, since it decides which tasks carry a claim.
 """
 
 from __future__ import annotations
