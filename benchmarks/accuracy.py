@@ -206,7 +206,8 @@ def engine_kwargs(method: str, budget: float | None, bits: int | None,
         bits = int(method.removeprefix("quantized-")[0])
         section.update(variant="quantized", bits=bits, value_bits=section.get("value_bits", bits))
     elif method == "evict":
-        section.update(variant="evict", pool_before=SNAPKV_POOL[0], pool_after=SNAPKV_POOL[1])
+        before, after, decay = SNAPKV_POOL
+        section.update(variant="evict", pool_before=before, pool_after=after, pool_decay=decay)
     elif method == "evict-ahead":
         section["variant"] = "evict"
     else:

@@ -180,7 +180,7 @@ def check_compaction(dtype, head_size, bits, num_vague, num_exact, seed) -> dict
                         for _ in range(3)])
     keep_vague = (num_vague + num_exact - kept.shape[1]) // 2
     want, got = cache.clone(), cache.cuda()
-    ranking = (0, store.pool_before, store.pool_after)  # value_bits 0: bits
+    ranking = (0, store.pool_before, store.pool_after, store.pool_decay)  # value_bits 0: bits
     reference.compact_quantized(want, table[0], pages, pages + num_exact, num_vague, kept,
                                 keep_vague, bits, store.group, *ranking)
     torch.ops.kvreviver.compact_quantized(got, table[0].cuda(), pages, pages + num_exact,

@@ -474,7 +474,7 @@ def compaction_impls(case: Case) -> dict[str, Callable]:
         kept = torch.cat([torch.arange(config.sink),
                           torch.arange(exact - config.recent, exact)]).expand(NUM_KV_HEADS, -1)
         args = (row, pages, pages + exact, num_vague, kept, num_vague, store.bits, store.group,
-                store.value_bits, store.pool_before, store.pool_after)
+                store.value_bits, store.pool_before, store.pool_after, store.pool_decay)
         reference = lambda c: reference_ops.compact_quantized(c, *args)  # noqa: E731
         compiled = lambda c: torch.ops.kvreviver.compact_quantized(c, *args)  # noqa: E731
     else:

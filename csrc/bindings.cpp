@@ -31,15 +31,15 @@ TORCH_LIBRARY(kvreviver, m) {
   // Compaction into the quantized store, per KV head: keep exact slots
   // kept_exact [Hkv, K] (ascending indices into [exact_start, seq_len)), turn the
   // others into records, keep the keep_vague best of old + new records (score
-  // max-pooled over records [i - pool_after, i + pool_before], ties to the
-  // older) in position order at slots [0, P), the kept exact slots right after;
-  // every score reset. No defaults here: the pooling widths are the config's
+  // pooled: max(s_i, pool_decay * max over records [i - pool_after, i + pool_before]),
+  // ties to the older) in position order at slots [0, P), the kept exact slots
+  // right after; every score reset. No defaults here: the pooling is the config's
   // (kvreviver_vllm), and a schema cannot put required arguments after a
   // defaulted one, so value_bits (0: bits) is passed too.
   m.def(
       "compact_quantized(Tensor(a!) kv_cache, Tensor block_row, int exact_start, int seq_len, "
       "int num_vague, Tensor kept_exact, int keep_vague, int bits, int group, "
-      "int value_bits, int pool_before, int pool_after) -> ()");
+      "int value_bits, int pool_before, int pool_after, float pool_decay) -> ()");
   // Records uint8 [N, record_bytes] of tokens keys/values [N, D] (quantized
   // per group of channels, keys at `bits` bits, values at `value_bits`, 0: the
   // same), with their positions and scores. Every quantized-store op takes the

@@ -422,7 +422,7 @@ class KVReviverAttentionImpl(AttentionImpl):
         return policy.select_kept(
             scores, keep_exact, self.config.sink, self.config.recent,
             by_score=self.config.ranks_by_score,
-            pool=(self.config.pool_before, self.config.pool_after),
+            pool=(self.config.pool_before, self.config.pool_after, self.config.pool_decay),
         )
 
     def compact(self, kv_cache: torch.Tensor, md: KVReviverMetadata, row: int,

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE
+from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, POOL_DECAY
 
 ADDITIONAL_CONFIG_KEY = "kvreviver"
 ENV_PREFIX = "KVREVIVER_"
@@ -58,6 +58,9 @@ class KVReviverConfig:
     (``policy.py`` says why the defaults are what they are)."""
     pool_after: int = POOL_AFTER
     """Ranking: each scored token lends its score to this many tokens after it."""
+    pool_decay: float = POOL_DECAY
+    """Ranking: the share of its score a token lends those neighbours, in [0, 1]
+    (1: max pooling; 0: no pooling)."""
     bits: int = 4
     """Bit width of the quantized vague store's keys (and of its values where
     ``value_bits`` is 0)."""
@@ -113,6 +116,7 @@ class KVReviverConfig:
         _check_int("score_window", self.score_window, 1, 8192)
         _check_int("pool_before", self.pool_before, 0, 256)
         _check_int("pool_after", self.pool_after, 0, 256)
+        _check_fraction("pool_decay", self.pool_decay)
         if isinstance(self.bits, bool) or self.bits not in QUANT_BITS:
             raise KVReviverConfigError(
                 f"kvreviver.bits={self.bits!r} is not supported: allowed values are "
@@ -299,6 +303,6 @@ def _parse_env_value(name: str, raw: str) -> Any:
         raise KVReviverConfigError(
             f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number"
         ) from None
-    if name in ("budget", "candidate_share", "high_share"):
+    if name in ("budget", "candidate_share", "high_share", "pool_decay"):
         return number
     return int(number) if number.is_integer() else number

@@ -111,12 +111,15 @@ inline torch::Tensor sketch_coefficients(const torch::Tensor& coefficients, int6
 constexpr int64_t kSlotMetaBytes = 8;  // position int32 + score float32 after K | V
 constexpr int64_t kMaxPool = 256;      // config pool_before / pool_after: at most this
 
-// How far a record lends its score: pool_before records before it, pool_after after.
-inline void check_pool(int64_t pool_before, int64_t pool_after) {
+// How far a record lends its score: pool_before records before it, pool_after
+// after; and what share of it: pool_decay.
+inline void check_pool(int64_t pool_before, int64_t pool_after, double pool_decay) {
   TORCH_CHECK(pool_before >= 0 && pool_before <= kMaxPool && pool_after >= 0 &&
                   pool_after <= kMaxPool,
               "pool_before=", pool_before, ", pool_after=", pool_after,
               " are out of range: expected integers in [0, ", kMaxPool, "]");
+  TORCH_CHECK(pool_decay >= 0 && pool_decay <= 1, "pool_decay=", pool_decay,
+              " is out of range: expected a number in [0, 1]");
 }
 
 // A paged cache [blocks, kv_heads, block_size, W] whose slots hold K | V | meta.
@@ -225,8 +228,9 @@ inline CheckedCompaction check_compact_slots(const torch::Tensor& kv_cache,
 inline CheckedCompaction check_compact_quantized(
     const torch::Tensor& kv_cache, const torch::Tensor& block_row, int64_t exact_start,
     int64_t seq_len, int64_t num_vague, const torch::Tensor& kept_exact, int64_t keep_vague,
-    int64_t bits, int64_t group, int64_t value_bits, int64_t pool_before, int64_t pool_after) {
-  check_pool(pool_before, pool_after);
+    int64_t bits, int64_t group, int64_t value_bits, int64_t pool_before, int64_t pool_after,
+    double pool_decay) {
+  check_pool(pool_before, pool_after, pool_decay);
   check_slot_cache(kv_cache);
   auto row = request_block_row(block_row, kv_cache);
   const int64_t capacity = row.numel() * kv_cache.size(2);

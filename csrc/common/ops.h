@@ -34,7 +34,8 @@ using compact_slots = void(Tensor kv_cache, const Tensor& block_row, const Tenso
 using compact_quantized = void(Tensor kv_cache, const Tensor& block_row, int64_t exact_start,
                                int64_t seq_len, int64_t num_vague, const Tensor& kept_exact,
                                int64_t keep_vague, int64_t bits, int64_t group,
-                               int64_t value_bits, int64_t pool_before, int64_t pool_after);
+                               int64_t value_bits, int64_t pool_before, int64_t pool_after,
+                               double pool_decay);
 
 using quantize_records = Tensor(const Tensor& keys, const Tensor& values,
                                 const Tensor& positions, const Tensor& scores, int64_t bits,

@@ -51,14 +51,18 @@ RequestSlots request_slots(torch::Tensor& kv_cache, const torch::Tensor& blocks)
           kv_cache.size(1) * kv_cache.size(2) * slot_bytes};
 }
 
-// Each record's score is the max over records [i - after, i + before]:
-// policy.pooled_scores.
-std::vector<float> pooled(const std::vector<float>& scores, int64_t before, int64_t after) {
+// Each record's score is max(its own, decay * the max over records
+// [i - after, i + before]): policy.pooled_scores.
+std::vector<float> pooled(const std::vector<float>& scores, int64_t before, int64_t after,
+                          double decay) {
   const int64_t n = static_cast<int64_t>(scores.size());
+  const float share = static_cast<float>(decay);
   std::vector<float> out(n);
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = *std::max_element(scores.begin() + std::max<int64_t>(0, i - after),
-                               scores.begin() + std::min(n, i + before + 1));
+  for (int64_t i = 0; i < n; ++i) {
+    const float best = *std::max_element(scores.begin() + std::max<int64_t>(0, i - after),
+                                         scores.begin() + std::min(n, i + before + 1));
+    out[i] = decay == 1 ? best : std::max(scores[i], share * best);
+  }
   return out;
 }
 
@@ -67,7 +71,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
                               int64_t exact_start, int64_t seq_len, int64_t num_vague,
                               const int64_t* kept, int64_t num_kept, int64_t keep_vague,
                               const RecordLayout& layout, int64_t pool_before,
-                              int64_t pool_after) {
+                              int64_t pool_after, double pool_decay) {
   const int64_t num_kv_heads = kv_cache.size(1);
   const int64_t d = (slots.slot_bytes - kSlotMetaBytes) / (2 * sizeof(scalar_t));
   const int64_t rb = layout.record_bytes(d);
@@ -123,7 +127,7 @@ void compact_quantized_kernel(torch::Tensor& kv_cache, const RequestSlots& slots
       std::vector<float> scores(n);
       for (int64_t i = 0; i < n; ++i)
         std::memcpy(&scores[i], &records[order[i] * rb + rb - 4], 4);
-      const std::vector<float> ranked = pooled(scores, pool_before, pool_after);
+      const std::vector<float> ranked = pooled(scores, pool_before, pool_after, pool_decay);
       std::vector<int64_t> best(n);
       std::iota(best.begin(), best.end(), 0);
       std::stable_sort(best.begin(), best.end(),
@@ -172,10 +176,11 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
                            int64_t exact_start, int64_t seq_len, int64_t num_vague,
                            const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
                            int64_t group, int64_t value_bits, int64_t pool_before,
-                           int64_t pool_after) {
+                           int64_t pool_after, double pool_decay) {
   const CheckedCompaction args =
       check_compact_quantized(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
-                              keep_vague, bits, group, value_bits, pool_before, pool_after);
+                              keep_vague, bits, group, value_bits, pool_before, pool_after,
+                              pool_decay);
   const torch::Tensor& kept = args.kept;
   const int64_t num_kept = kept.size(1);
   const RecordLayout layout{bits, group, value_bits};
@@ -185,7 +190,7 @@ void compact_quantized_cpu(torch::Tensor kv_cache, const torch::Tensor& block_ro
       "kvreviver_compact_quantized", [&] {
         compact_quantized_kernel<scalar_t>(kv_cache, slots, exact_start, seq_len, num_vague,
                                            kept.data_ptr<int64_t>(), num_kept, keep_vague,
-                                           layout, pool_before, pool_after);
+                                           layout, pool_before, pool_after, pool_decay);
       });
 }
 

@@ -68,11 +68,12 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
                             int64_t exact_start, int64_t seq_len, int64_t num_vague,
                             const torch::Tensor& kept_exact, int64_t keep_vague, int64_t bits,
                             int64_t group, int64_t value_bits, int64_t pool_before,
-                            int64_t pool_after) {
+                            int64_t pool_after, double pool_decay) {
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   const CheckedCompaction args =
       check_compact_quantized(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
-                              keep_vague, bits, group, value_bits, pool_before, pool_after);
+                              keep_vague, bits, group, value_bits, pool_before, pool_after,
+                              pool_decay);
   const torch::Tensor& kept = args.kept;
   const int64_t new_slots = args.new_slots;
   const int64_t heads = kv_cache.size(1), num_exact = std::max<int64_t>(0, seq_len - exact_start);
@@ -108,7 +109,7 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
                                       c10::cuda::getCurrentCUDAStream()),
         "kvreviver quantize_records");
 
-  // Old and new records in position order, ranked by max-pooled score; the
+  // Old and new records in position order, ranked by pooled score; the
   // keep_vague best (ties: the older) stay, in position order, scores reset.
   auto records = torch::cat({old, fresh.view({heads, num_demoted, rb})}, 1);
   const auto rec_meta = records.narrow(2, rb - kSlotMetaBytes, kSlotMetaBytes).contiguous();
@@ -120,10 +121,12 @@ void compact_quantized_cuda(torch::Tensor kv_cache, const torch::Tensor& block_r
   std::vector<int64_t> best_sizes{heads, keep_vague};
   torch::Tensor best;
   if (rec_scores.size(1) > 0) {
-    // policy.pooled_scores: the max over records [i - pool_after, i + pool_before].
+    // policy.pooled_scores: max(own, pool_decay * the max over records
+    // [i - pool_after, i + pool_before]).
     const auto padded = torch::constant_pad_nd(rec_scores.unsqueeze(1), {pool_after, pool_before},
                                                -std::numeric_limits<double>::infinity());
-    const auto pooled = torch::max_pool1d(padded, {pool_before + pool_after + 1}, {1}).squeeze(1);
+    auto pooled = torch::max_pool1d(padded, {pool_before + pool_after + 1}, {1}).squeeze(1);
+    if (pool_decay != 1) pooled = torch::maximum(rec_scores, pooled * pool_decay);
     const auto ranked = std::get<1>(torch::sort(pooled, /*stable=*/true, /*dim=*/1,
                                                 /*descending=*/true));
     best = std::get<0>(torch::sort(ranked.narrow(1, 0, keep_vague), /*dim=*/1));

@@ -85,9 +85,10 @@ def paged_attention_quantized(out: torch.Tensor, query: torch.Tensor, kv_cache: 
 def compact_quantized(kv_cache: torch.Tensor, block_row: torch.Tensor, exact_start: int,
                       seq_len: int, num_vague: int, kept_exact: torch.Tensor, keep_vague: int,
                       bits: int, group: int, value_bits: int, pool_before: int,
-                      pool_after: int) -> None:
+                      pool_after: int, pool_decay: float) -> None:
     _op("compact_quantized")(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
-                             keep_vague, bits, group, value_bits, pool_before, pool_after)
+                             keep_vague, bits, group, value_bits, pool_before, pool_after,
+                             pool_decay)
 
 
 def quantize_records(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,

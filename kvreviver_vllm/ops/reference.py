@@ -34,7 +34,7 @@ from kvreviver_vllm.layout import (
     write_slot_range,
     write_store_pages,
 )
-from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, pooled_scores
+from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, POOL_DECAY, pooled_scores
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -294,6 +294,7 @@ class QuantizedRecords:
     pool_before: int = POOL_BEFORE  # records rank by scores pooled as exact slots are
     pool_after: int = POOL_AFTER
     group: int = 0  # 0: ``layout.record_group(head_size)``
+    pool_decay: float = POOL_DECAY
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "value_bits", self.value_bits or self.bits)
@@ -347,7 +348,7 @@ class QuantizedRecords:
         """Old records plus the demoted tokens' records; the ``keep`` best survive,
         stored in position order with their importance reset. Records are ranked
         as exact slots are (:func:`policy.pooled_scores`): by the importance since
-        the last compaction, max-pooled over neighbouring records, so a needle's
+        the last compaction, pooled over neighbouring records, so a needle's
         tokens survive together rather than its one most-attended token."""
         records = torch.cat(
             [self.from_pages(pages, num_tokens), self.encode(keys, values, positions, scores)]
@@ -355,17 +356,19 @@ class QuantizedRecords:
         records = records[self.meta(records)[0].argsort()]
         _, rec_scores = self.meta(records)
         # A stable sort, so ties (pooling makes plateaus) go to the older record.
-        ranked = pooled_scores(rec_scores[None], self.pool_before, self.pool_after)[0]
+        ranked = pooled_scores(rec_scores[None], self.pool_before, self.pool_after,
+                               self.pool_decay)[0]
         ranked = ranked.sort(descending=True, stable=True)
         best = ranked.indices[:keep].sort().values
         return self.to_pages(self.with_scores(records[best], torch.zeros(keep)))
 
 
 def _records_of(kv_cache: torch.Tensor, bits: int, group: int, value_bits: int,
-                pool_before: int = POOL_BEFORE, pool_after: int = POOL_AFTER) -> QuantizedRecords:
+                pool_before: int = POOL_BEFORE, pool_after: int = POOL_AFTER,
+                pool_decay: float = POOL_DECAY) -> QuantizedRecords:
     slot_bytes = kv_cache.shape[-1] * kv_cache.element_size()
     return QuantizedRecords(head_size_of(kv_cache), bits, slot_bytes, value_bits, pool_before,
-                            pool_after, group)
+                            pool_after, group, pool_decay)
 
 
 def paged_attention_quantized(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
@@ -382,12 +385,13 @@ def paged_attention_quantized(out: torch.Tensor, query: torch.Tensor, kv_cache: 
 def compact_quantized(kv_cache: torch.Tensor, block_row: torch.Tensor, exact_start: int,
                       seq_len: int, num_vague: int, kept_exact: torch.Tensor, keep_vague: int,
                       bits: int, group: int, value_bits: int, pool_before: int,
-                      pool_after: int) -> None:
+                      pool_after: int, pool_decay: float) -> None:
     """:func:`compact_into_store` into the quantized store's records, ranked by
-    scores pooled ``pool_before`` / ``pool_after`` records each way."""
+    scores pooled ``pool_before`` / ``pool_after`` records each way, lending
+    ``pool_decay`` of each score."""
+    records = _records_of(kv_cache, bits, group, value_bits, pool_before, pool_after, pool_decay)
     compact_into_store(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
-                       keep_vague,
-                       _records_of(kv_cache, bits, group, value_bits, pool_before, pool_after), 0)
+                       keep_vague, records, 0)
 
 
 # -- vague-store ops: count sketch ---------------------------------------------

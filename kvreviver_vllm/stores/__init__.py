@@ -27,7 +27,8 @@ def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
     if config.variant == "quantized" and config.low_bits:
         _warn_research_store(config.low_bits)
         return MixedQuantizedStore(head_size, config.bits, config.low_bits, config.high_share,
-                                   slot_bytes, config.pool_before, config.pool_after)
+                                   slot_bytes, config.pool_before, config.pool_after,
+                                   config.pool_decay)
     if config.variant == "quantized":
         if config.record_group and head_size % config.record_group:
             raise KVReviverConfigError(
@@ -36,7 +37,8 @@ def make_store(config: KVReviverConfig, head_size: int, slot_bytes: int,
                 f"{', '.join(str(g) for g in RECORD_GROUPS if head_size % g == 0)}"
             )
         return QuantizedStore(head_size, config.bits, slot_bytes, config.value_bits,
-                              config.pool_before, config.pool_after, config.record_group)
+                              config.pool_before, config.pool_after, config.record_group,
+                              config.pool_decay)
     if config.variant == "sketch":
         return CountSketchStore(head_size, config.sketch_rows, config.sketch_buckets, slot_bytes,
                                 dtype)

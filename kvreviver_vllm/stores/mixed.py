@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, pooled_scores
+from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, POOL_DECAY, pooled_scores
 from kvreviver_vllm.stores.base import VagueStore
 from kvreviver_vllm.stores.quantized import QuantizedStore
 
@@ -29,6 +29,7 @@ class MixedQuantizedStore(VagueStore):
     slot_bytes: int
     pool_before: int = POOL_BEFORE
     pool_after: int = POOL_AFTER
+    pool_decay: float = POOL_DECAY
 
     @property
     def high(self) -> QuantizedStore:
@@ -100,7 +101,8 @@ class MixedQuantizedStore(VagueStore):
         all_pos = torch.cat([p[2] for p in parts] + [positions.to(torch.int32)])
         all_scores = torch.cat([p[3] for p in parts] + [scores.float()])
         order = all_pos.argsort()
-        pooled = pooled_scores(all_scores[order][None], self.pool_before, self.pool_after)[0]
+        pooled = pooled_scores(all_scores[order][None], self.pool_before, self.pool_after,
+                               self.pool_decay)[0]
         ranked = pooled.sort(descending=True, stable=True).indices[:keep]
         num_high, _ = self.split(keep)
         is_high = torch.zeros(order.shape[0], dtype=torch.bool)

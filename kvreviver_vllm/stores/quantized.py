@@ -43,4 +43,4 @@ class QuantizedStore(QuantizedRecords, VagueStore):
                 keep_vague, layer_seed) -> None:
         ops.compact_quantized(kv_cache, block_row, exact_start, seq_len, num_vague, kept_exact,
                               keep_vague, self.bits, self.group, self.value_bits,
-                              self.pool_before, self.pool_after)
+                              self.pool_before, self.pool_after, self.pool_decay)

@@ -82,7 +82,8 @@ def test_knobs_reach_every_kvreviver_method_and_are_checked():
     # evict stays SnapKV (3 either side); evict-ahead takes the config's ranking.
     ahead = accuracy.parse_knobs(["pool_after=16"])
     evict = accuracy.engine_kwargs("evict", 0.1, None, ahead)["additional_config"]["kvreviver"]
-    assert evict == {"budget": 0.1, "variant": "evict", "pool_before": 3, "pool_after": 3}
+    assert evict == {"budget": 0.1, "variant": "evict", "pool_before": 3, "pool_after": 3,
+                     "pool_decay": 1.0}
     evict = accuracy.engine_kwargs("evict-ahead", 0.1, None, ahead)["additional_config"]["kvreviver"]
     assert evict == {"budget": 0.1, "pool_after": 16, "variant": "evict"}
     with pytest.raises(SystemExit, match="recent=0 is out of range"):

@@ -308,7 +308,8 @@ def _tied_scores(gen, *shape):
     data=st.data(),
     bits=st.sampled_from([2, 3, 4, 8]),
     value_bits=st.sampled_from([0, 2, 3]),
-    pool=st.sampled_from([(3, 3), (0, 0), (1, 24), (5, 2)]),
+    pool=st.sampled_from([(3, 3, 1.0), (0, 0, 1.0), (1, 24, 1.0), (5, 2, 1.0), (3, 24, 0.1),
+                          (3, 3, 0.0)]),
     num_kv_heads=st.sampled_from([1, 3]),
     head_size=st.sampled_from([64, 128]),
     block_size=st.sampled_from([16, 32, 128]),
@@ -323,7 +324,8 @@ def test_compact_quantized_matches_reference(data, bits, value_bits, pool, num_k
     keep_vague = data.draw(st.integers(0, num_vague + num_exact - num_kept))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     slot_bytes = layout.slot_width(head_size, dtype) * torch.finfo(dtype).bits // 8
-    store = QuantizedStore(head_size, bits, slot_bytes, value_bits, *pool, group)
+    store = QuantizedStore(head_size, bits, slot_bytes, value_bits, pool[0], pool[1], group,
+                           pool[2])
     pages = store.slots_for(num_vague)
     # Positions near 8192; old records interleave with the exact tokens.
     order = torch.randperm(num_vague + num_exact, generator=gen) + 8192 - num_vague - num_exact
@@ -383,16 +385,19 @@ def test_compaction_ops_reject_bad_arguments():
         torch.ops.kvreviver.compact_slots(cache, torch.tensor([0, 9]), torch.tensor([[0], [0]]))
     kept = torch.tensor([[0, 1], [0, 1]])
     with pytest.raises(RuntimeError, match=r"keep_vague=9 is out of range \[0, 8\]"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 9, 4, 32, 0, 3, 3)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 9, 4, 32, 0, 3, 3, 1.0)
     with pytest.raises(RuntimeError, match=r"num_vague=50 records do not fit in the 2 store slots"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 50, kept, 0, 4, 32, 0, 3, 3)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 50, kept, 0, 4, 32, 0, 3, 3, 1.0)
     with pytest.raises(RuntimeError, match=r"bits=5 is not supported"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 5, 32, 0, 3, 3)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 5, 32, 0, 3, 3, 1.0)
     with pytest.raises(RuntimeError, match=r"pool_before=3, pool_after=257 are out of range: "
                                            r"expected integers in \[0, 256\]"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 4, 32, 0, 3, 257)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 4, 32, 0, 3, 257, 1.0)
+    with pytest.raises(RuntimeError, match=r"pool_decay=1.5 is out of range: expected a number in "
+                                           r"\[0, 1\]"):
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 12, 0, kept, 0, 4, 32, 0, 3, 3, 1.5)
     with pytest.raises(RuntimeError, match=r"seq_len \(40\) <= the request's 32 slots"):
-        torch.ops.kvreviver.compact_quantized(cache, row, 2, 40, 0, kept, 0, 4, 32, 0, 3, 3)
+        torch.ops.kvreviver.compact_quantized(cache, row, 2, 40, 0, kept, 0, 4, 32, 0, 3, 3, 1.0)
 
 
 def test_backend_compacts_through_the_compiled_ops(monkeypatch):

@@ -219,8 +219,12 @@ def test_pooled_scores_reach_before_and_after_each_token():
     assert out[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 0]
     assert out[1].tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 2, 2]
     assert policy.pooled_scores(scores, 0, 0).equal(scores)
-    kept = policy.select_kept(scores[:1], 5, sink=1, recent=1, by_score=True, pool=(0, 2))
+    kept = policy.select_kept(scores[:1], 5, sink=1, recent=1, by_score=True, pool=(0, 2, 1.0))
     assert kept[0].tolist() == [0, 4, 5, 6, 9]
+    # decay: neighbours get that share of the score, a token keeps its own.
+    lent = policy.pooled_scores(scores + 0.25 * (torch.arange(10) == 2), 1, 2, decay=0.5)
+    assert lent[0].tolist() == [0, 0.125, 0.25, 0.5, 1, 0.5, 0.5, 0, 0, 0]
+    assert policy.pooled_scores(scores, 3, 3, decay=0.0).equal(scores)
 
 
 def test_count_sketch_sums_signed_tokens_and_revives_by_mean():

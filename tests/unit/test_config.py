@@ -50,6 +50,7 @@ def test_unknown_key_lists_allowed_keys():
         ({"value_bits": True}, "kvreviver.value_bits=True is not supported"),
         ({"pool_after": 300}, "kvreviver.pool_after=300 is out of range: expected an integer in [0, 256]"),
         ({"pool_before": -1}, "kvreviver.pool_before=-1 is out of range"),
+        ({"pool_decay": 1.5}, "kvreviver.pool_decay=1.5 is out of range: expected a number in [0, 1]"),
         ({"value_bits": 2, "low_bits": 3}, "kvreviver.value_bits=2 cannot be combined with low_bits=3"),
         ({"record_group": 48}, "kvreviver.record_group=48 is not supported: allowed values are 0 "
                                "(32, or 16 where 32 does not divide the head size) or 16, 32, 64, 128"),
@@ -87,6 +88,16 @@ def test_record_group_reaches_the_store_and_must_divide_the_head_size():
         make_store(parse({"record_group": 128}), 64, 256, torch.float32)
     assert ("kvreviver.record_group=128 does not divide the model's head size 64: allowed values "
             "are 0 or 16, 32, 64") in str(err.value)
+
+
+def test_ranking_pool_reaches_the_store():
+    from kvreviver_vllm.stores import make_store
+
+    store = make_store(parse({"pool_before": 1, "pool_after": 8, "pool_decay": 0.3}), 64, 256,
+                       torch.float32)
+    assert (store.pool_before, store.pool_after, store.pool_decay) == (1, 8, 0.3)
+    assert make_store(parse({}), 64, 256, torch.float32).pool_decay == 1.0
+    assert parse({}, {"KVREVIVER_POOL_DECAY": "0.3"}).pool_decay == 0.3
 
 
 def test_section_must_be_an_object():
