@@ -14,6 +14,10 @@ policy decides which tokens the store keeps at each compaction:
   h2o           mean attention each token received from every prompt row that saw it
   h2o-half      snap's window plus h2o; maxrow: the largest single-row attention
   delayK        snap, but the first compaction waits K decode steps (the prompt held whole)
+  rot           snap's window rows, their queries moved 0 / 64 / 128 / 256 positions ahead
+                (RoPE), as the decode rows to come will read the prompt from further away
+A policy may end in @BEFORE/AFTER/DECAY: its scores pooled so (policy.pooled_scores;
+default 3/24/1, the engine's), at every compaction (foresight is never pooled).
 Loss: mean next-token loss over the 256 forced tokens (position 0, read from the exact prompt,
 included). Run from the repository root:
   .venv/bin/python <this> SEED SAMPLES POLICY[,POLICY...]"""
@@ -51,7 +55,12 @@ def capacity(slots): return max(0, slots) * SLOT_BYTES // REC_BYTES
 def budget_slots(n): return budget_tokens(BUDGET, n, SINK + RECENT)
 def decode_limit(n): return round_up(budget_slots(n) + DECODE_ROOM, BLOCK)
 
-MODE = {"policy": "snap"}
+MODE = {"policy": "snap", "pool": (3, 24, 1.0)}
+INV = 1.0 / (100000.0 ** (torch.arange(0, D, 2).float() / D))  # the model's RoPE frequencies
+
+def rope_shift(x, dl):  # post-RoPE vectors moved dl positions further (rotate_half layout)
+    ang = dl * INV; cos, sin = torch.cat([ang.cos()] * 2), torch.cat([ang.sin()] * 2)
+    return x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
 
 def sim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
     q, k, v = query[0], key[0], value[0]  # [HQ,T,D], [HKV,T,D]
@@ -77,6 +86,12 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, dropo
         w = full[:, P - WINDOW:P].sum(1).view(HKV, G, T).sum(1)
         a = full[:, :P].sum(1).view(HKV, G, T).sum(1) / (P - torch.arange(T)).clamp_min(1) * WINDOW
         scores = w + a
+    elif pol == "rot":
+        qw, kk = q[:, P - WINDOW:P], k[:, :P].repeat_interleave(G, 0)
+        scores = torch.zeros(HKV, T); offsets = (0, 64, 128, 256)
+        for dl in offsets:
+            a = torch.softmax((rope_shift(qw, dl) @ kk.transpose(1, 2)) * scale, -1)
+            scores[:, :P] += a.sum(1).view(HKV, G, P).sum(1) / len(offsets)
     else:
         scores = full[:, P - WINDOW:P].sum(1).view(HKV, G, T).sum(1)  # prefill window
     exact = list(range(P))  # same for every head
@@ -110,7 +125,7 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, dropo
                 if pol == "oracle" or (pol == "oracle-first" and ncomp == 0) or (pol == "oracle-later" and ncomp > 0):
                     rank_s = future[h, ci]
                 else:
-                    rank_s = pooled_scores(scores[h, ci][None], 3, 24)[0]
+                    rank_s = pooled_scores(scores[h, ci][None], *MODE["pool"])[0]
                 top = rank_s.sort(descending=True, stable=True).indices[:cap]
                 rec[h] = torch.zeros(T, dtype=torch.bool); rec[h][ci[top]] = True
             exact = keep_exact
@@ -132,12 +147,14 @@ if __name__ == "__main__":
     for i, s in enumerate(samples):
         ids = torch.tensor([list(s.prompt_ids) + list(s.forced_ids)])
         P = len(s.prompt_ids); MODE["P"] = P
-        for pol in policies:
-            MODE["policy"] = pol
+        for spec in policies:
+            pol, _, pool = spec.partition("@")
+            before, after, decay = pool.split("/") if pool else (3, 24, 1)
+            MODE["policy"], MODE["pool"] = pol, (int(before), int(after), float(decay))
             with torch.no_grad(): lg = model(ids).logits[0].float()
             ce = torch.nn.functional.cross_entropy(lg[P - 1:-1], ids[0, P:]).item()
-            res[pol].append(ce)
-            print(i, pol, round(ce, 4), flush=True)
+            res[spec].append(ce)
+            print(i, spec, round(ce, 4), flush=True)
     means = {p: sum(v) / len(v) for p, v in res.items()}
     print(json.dumps(means))
-    json.dump({"per_sample": res, "mean": means}, open(Path(__file__).parent / f"seed{seed}-{'-'.join(policies)}.json", "w"))
+    json.dump({"per_sample": res, "mean": means}, open(Path(__file__).parent / f"seed{seed}-{'-'.join(policies).replace('/', '_')}.json", "w"))
