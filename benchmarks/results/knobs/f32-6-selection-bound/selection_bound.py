@@ -25,10 +25,10 @@ import sys, json, torch
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
-from transformers import AutoModelForCausalLM, AutoTokenizer, AttentionInterface
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, AttentionInterface
 from harness.tasks import TaskGenerator
 from kvreviver_vllm.rotation import rotation_matrix
-from kvreviver_vllm.policy import pooled_scores
+from kvreviver_vllm.policy import POOL_AFTER, POOL_BEFORE, POOL_DECAY, pooled_scores
 from kvreviver_vllm.models import default_model_dir
 from kvreviver_vllm.config import budget_tokens
 from kvreviver_vllm.layout import record_bytes, slot_width
@@ -55,8 +55,14 @@ def capacity(slots): return max(0, slots) * SLOT_BYTES // REC_BYTES
 def budget_slots(n): return budget_tokens(BUDGET, n, SINK + RECENT)
 def decode_limit(n): return round_up(budget_slots(n) + DECODE_ROOM, BLOCK)
 
-MODE = {"policy": "snap", "pool": (3, 24, 1.0)}
-INV = 1.0 / (100000.0 ** (torch.arange(0, D, 2).float() / D))  # the model's RoPE frequencies
+def parse_pool(spec):  # "BEFORE/AFTER/DECAY" -> pooled_scores' arguments; "" -> the engine's
+    if not spec: return POOL_BEFORE, POOL_AFTER, POOL_DECAY
+    before, after, decay = spec.split("/")
+    return int(before), int(after), float(decay)
+
+MODE = {"policy": "snap", "pool": parse_pool("")}
+THETA = AutoConfig.from_pretrained(MD).rope_parameters["rope_theta"]
+INV = 1.0 / (THETA ** (torch.arange(0, D, 2).float() / D))  # the model's RoPE frequencies
 
 def rope_shift(x, dl):  # post-RoPE vectors moved dl positions further (rotate_half layout)
     ang = dl * INV; cos, sin = torch.cat([ang.cos()] * 2), torch.cat([ang.sin()] * 2)
@@ -149,8 +155,7 @@ if __name__ == "__main__":
         P = len(s.prompt_ids); MODE["P"] = P
         for spec in policies:
             pol, _, pool = spec.partition("@")
-            before, after, decay = pool.split("/") if pool else (3, 24, 1)
-            MODE["policy"], MODE["pool"] = pol, (int(before), int(after), float(decay))
+            MODE["policy"], MODE["pool"] = pol, parse_pool(pool)
             with torch.no_grad(): lg = model(ids).logits[0].float()
             ce = torch.nn.functional.cross_entropy(lg[P - 1:-1], ids[0, P:]).item()
             res[spec].append(ce)

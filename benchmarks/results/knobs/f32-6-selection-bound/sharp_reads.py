@@ -1,7 +1,8 @@
 """What the ranking drops at the prompt's compaction: the continuation's sharp reads of prompt
 tokens (attention over 0.1 from one decode row, mean over a KV head's query heads, full cache)
-whose token is not among the records the ranking keeps (the same 4 / 2-bit one-group bytes at
-0.059 as selection_bound.py; the window's 32 rows and row P, pooled as POOL says), by kind:
+whose token is not among the records the ranking keeps (selection_bound.py's 4 / 2-bit one-group
+records, budget and window, from its constants; the window's 32 rows and row P, pooled as POOL
+says), by kind:
   induction  the token after an earlier occurrence of the reading row's token
   copy       the token the reading row is about to produce
   same       the reading row's own token, earlier
@@ -9,19 +10,14 @@ whose token is not among the records the ranking keeps (the same 4 / 2-bit one-g
 Run from the repository root: .venv/bin/python <this> SEED SAMPLES [BEFORE/AFTER/DECAY]"""
 import sys, torch
 from pathlib import Path
-ROOT = Path(__file__).resolve().parents[4]
-sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parent))
+from selection_bound import (G, HKV, MD, RECENT, SINK, WINDOW, budget_slots, capacity, parse_pool,
+                             pooled_scores)  # also puts the repository on sys.path
 from transformers import AutoModelForCausalLM, AutoTokenizer, AttentionInterface
 from harness.tasks import TaskGenerator
-from kvreviver_vllm.models import default_model_dir
-from kvreviver_vllm.policy import pooled_scores
-from kvreviver_vllm.config import budget_tokens
-from kvreviver_vllm.layout import record_bytes, slot_width
-torch.set_num_threads(1)
-HKV, G, WINDOW, SINK, RECENT, SHARP = 3, 3, 32, 4, 32, 0.1
-SLOT_BYTES, REC_BYTES = slot_width(64, torch.float32) * 4, record_bytes(64, 4, 64, 2)
+SHARP = 0.1
 KINDS = ("induction", "copy", "same", "other")
-POOL = tuple(float(x) if i == 2 else int(x) for i, x in enumerate((sys.argv[3] if len(sys.argv) > 3 else "3/24/1").split("/")))
+POOL = parse_pool(sys.argv[3] if len(sys.argv) > 3 else "")
 CTX = {}
 kept_mass, missed_mass = torch.zeros(4), torch.zeros(4)
 layer_missed = torch.zeros(30)
@@ -35,7 +31,7 @@ def reads(module, query, key, value, attention_mask, scaling=None, dropout=0.0, 
     # The ranking at the first decode step: window rows and row P, over tokens 0..P.
     window = probs[:, P - WINDOW:P + 1, :P + 1].sum(1).view(HKV, G, -1).sum(1)
     cand = torch.arange(SINK, P - RECENT + 1)  # demoted: token P joins the exact window
-    cap = (budget_tokens(0.059, P + 1, SINK + RECENT) - SINK - RECENT) * SLOT_BYTES // REC_BYTES
+    cap = capacity(budget_slots(P + 1) - SINK - RECENT)
     kept = torch.zeros(HKV, P + 1, dtype=torch.bool)
     top = pooled_scores(window[:, cand], *POOL).topk(cap, -1).indices
     kept[torch.arange(HKV)[:, None], cand[top]] = True
@@ -56,9 +52,8 @@ AttentionInterface.register("reads", reads)
 
 if __name__ == "__main__":
     seed, nsamp = int(sys.argv[1]), int(sys.argv[2])
-    md = str(default_model_dir())
-    tok = AutoTokenizer.from_pretrained(md)
-    model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32, attn_implementation="reads").eval()
+    tok = AutoTokenizer.from_pretrained(MD)
+    model = AutoModelForCausalLM.from_pretrained(MD, dtype=torch.float32, attn_implementation="reads").eval()
     for s in TaskGenerator(tok).samples("loss", 2048, nsamp, seed):
         ids = torch.tensor([list(s.prompt_ids) + list(s.forced_ids)])
         CTX.update(P=len(s.prompt_ids), ids=ids[0])
