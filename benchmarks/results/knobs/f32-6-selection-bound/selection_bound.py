@@ -16,12 +16,24 @@ policy decides which tokens the store keeps at each compaction:
   delayK        snap, but the first compaction waits K decode steps (the prompt held whole)
   rot           snap's window rows, their queries moved 0 / 64 / 128 / 256 positions ahead
                 (RoPE), as the decode rows to come will read the prompt from further away
+  snap+KIND:A   snap, each token ranked by the larger of its pooled score and A times a
+                predicted future read (summed over the GQA group), at every compaction:
+                  succ  the weight row j-1 would give key j beside its own keys,
+                        sigmoid(q[j-1].k[j] * scale - lse[j-1]): key j as an induction
+                        target (the token after an occurrence of the token about to be read)
+                  self  row j's causal weight on itself (a duplicate-token target)
+                  both  the larger of the two
+  snap+gsucc:A:TAU  succ in the KV heads whose prompt succ averages TAU or more (the
+                induction-like heads: 4-6 of the 90, the same on every prompt), none elsewhere
+  snap*succ:A   A times succ added to the prompt's scores before the first compaction (one
+                score field, as the engine's slots hold)
 A policy may end in @BEFORE/AFTER/DECAY: its scores pooled so (policy.pooled_scores;
 default 3/24/1, the engine's), at every compaction (foresight is never pooled).
 Loss: mean next-token loss over the 256 forced tokens (position 0, read from the exact prompt,
 included). Run from the repository root:
-  .venv/bin/python <this> SEED SAMPLES POLICY[,POLICY...]"""
-import sys, json, torch
+  .venv/bin/python <this> SEED SAMPLES POLICY[,POLICY...]
+(FIRST=K in the environment skips the first K prompts.)"""
+import os, sys, json, torch
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -100,6 +112,21 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, dropo
             scores[:, :P] += a.sum(1).view(HKV, G, P).sum(1) / len(offsets)
     else:
         scores = full[:, P - WINDOW:P].sum(1).view(HKV, G, T).sum(1)  # prefill window
+    bonus, once = None, "*" in pol
+    if "+" in pol or once:  # predicted future reads of each token
+        pol, _, extra = pol.partition("*" if once else "+")
+        kind, alpha, *tau = extra.split(":"); alpha = float(alpha)
+        lse = torch.logsumexp(logits.masked_fill(~causal, float("-inf")), -1)  # [HQ, T]
+        succ = torch.zeros(HQ, T)
+        succ[:, 1:] = torch.sigmoid(torch.diagonal(logits, 1, 1, 2) - lse[:, :-1])
+        succ = succ.view(HKV, G, T).sum(1)
+        selfw = torch.diagonal(full, 0, 1, 2).reshape(HKV, G, T).sum(1)
+        if kind == "gsucc":
+            succ = succ * (succ[:, 1:P].mean(-1, keepdim=True) >= float(tau[0]))
+        bonus = {"succ": succ, "gsucc": succ, "self": selfw,
+                 "both": torch.maximum(succ, selfw)}[kind] * alpha
+        if once:
+            scores, bonus = scores + bonus, None
     exact = list(range(P))  # same for every head
     rec = [torch.zeros(T, dtype=torch.bool) for _ in range(HKV)]
     settled = False
@@ -132,6 +159,8 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, dropo
                     rank_s = future[h, ci]
                 else:
                     rank_s = pooled_scores(scores[h, ci][None], *MODE["pool"])[0]
+                    if bonus is not None:
+                        rank_s = torch.maximum(rank_s, bonus[h, ci])
                 top = rank_s.sort(descending=True, stable=True).indices[:cap]
                 rec[h] = torch.zeros(T, dtype=torch.bool); rec[h][ci[top]] = True
             exact = keep_exact
@@ -151,6 +180,8 @@ if __name__ == "__main__":
     samples = TaskGenerator(tok).samples("loss", 2048, nsamp, seed)
     res = {p: [] for p in policies}
     for i, s in enumerate(samples):
+        if i < int(os.environ.get("FIRST", 0)):
+            continue
         ids = torch.tensor([list(s.prompt_ids) + list(s.forced_ids)])
         P = len(s.prompt_ids); MODE["P"] = P
         for spec in policies:
