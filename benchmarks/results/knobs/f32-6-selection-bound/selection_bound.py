@@ -24,7 +24,8 @@ policy decides which tokens the store keeps at each compaction:
                   self  row j's causal weight on itself (a duplicate-token target)
                   both  the larger of the two
   snap+gsucc:A:TAU  succ in the KV heads whose prompt succ averages TAU or more (the
-                induction-like heads: 4-6 of the 90, the same on every prompt), none elsewhere
+                induction-like heads: 5 of the 90 at TAU 0.3, 22 at 0.15, the same on every
+                prompt measured), none elsewhere
   snap*succ:A   A times succ added to the prompt's scores before the first compaction (one
                 score field, as the engine's slots hold)
 A policy may end in @BEFORE/AFTER/DECAY: its scores pooled so (policy.pooled_scores;
