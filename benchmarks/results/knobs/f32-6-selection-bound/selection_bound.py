@@ -87,7 +87,8 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, dropo
     kk = k.repeat_interleave(G, 0); vv = v.repeat_interleave(G, 0)
     logits = (q @ kk.transpose(1, 2)) * scale
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    full = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    masked = logits.masked_fill(~causal, float("-inf"))
+    full = torch.softmax(masked, -1)
     out = full @ vv  # [HQ,T,D]
     if MODE["policy"] == "full":
         return out.transpose(0, 1)[None].contiguous(), None
@@ -117,7 +118,7 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if "+" in pol or once:  # predicted future reads of each token
         pol, _, extra = pol.partition("*" if once else "+")
         kind, alpha, *tau = extra.split(":"); alpha = float(alpha)
-        lse = torch.logsumexp(logits.masked_fill(~causal, float("-inf")), -1)  # [HQ, T]
+        lse = torch.logsumexp(masked, -1)  # [HQ, T]
         succ = torch.zeros(HQ, T)
         succ[:, 1:] = torch.sigmoid(torch.diagonal(logits, 1, 1, 2) - lse[:, :-1])
         succ = succ.view(HKV, G, T).sum(1)
